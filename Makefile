@@ -1,0 +1,36 @@
+# fundusflow: `make demo` and `make test` work on a machine with only Python 3.11.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_DATA := demo_data
+DEMO_RUN := demo_run
+export TF_CPP_MIN_LOG_LEVEL := 2
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test bench lint clean
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+demo: $(STAMP)
+	$(PY) -m input_pipeline.synthetic --out_dir=$(DEMO_DATA)/raw --num_images=800 --image_size=256 --seed=0
+	$(PY) -m input_pipeline.prepare --labels_csv=$(DEMO_DATA)/raw/labels.csv \
+	  --images_dir=$(DEMO_DATA)/raw --out_dir=$(DEMO_DATA)/prepared --task=dr_grade \
+	  --label_column=dr_grade --image_size=128 --num_shards=4 --workers=2
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.prepare_speed
+	$(PY) -m benchmarks.input_pipeline
+
+clean:
+	rm -rf $(DEMO_DATA) $(DEMO_RUN)
