@@ -1,0 +1,704 @@
+"""CLI: a folder of images + a label CSV -> split, sharded TFRecords.
+
+    python -m input_pipeline.prepare --labels_csv=labels.csv --images_dir=images \\
+        --out_dir=prepared --task=dr_grade --label_column=level --workers=4
+
+Writes into --out_dir:
+  {train,val,test}-{i:05d}-of-{n:05d}.tfrecord   (features.py spec, JPEG images)
+  dataset.json    (schema in docs/ARCHITECTURE.md)
+  rejected.csv    (row,path,reason: every row that was not written, and why)
+  .state/         (resume bookkeeping: plan fingerprint + one sidecar per finished shard)
+
+How it works:
+1. Configuration and the label table are checked before any image is read;
+   a bad flag or missing column stops at once with a message naming it.
+2. The plan (rejections known from the table, groups, split, shard and write
+   order of every row, upsampled copies) is computed up front and is a pure
+   function of the CSV, the flags and --seed.
+3. Images stream through a process pool (spawn: workers never import
+   TensorFlow) that returns JPEG bytes; the main process serialises and writes
+   one shard at a time to `<shard>.tmp`, renames it when complete and then writes
+   `.state/<shard>.json`. Memory is bounded by one shard, not by the dataset.
+4. A re-run with the same plan skips finished shards and redoes the others, so
+   a run killed at any point and re-run gives byte-identical shards.
+
+--num_shards is the TOTAL number of shards, shared between the splits in
+proportion to their rows (at least one per non-empty split); 0 (default) means
+one shard per --examples_per_shard rows of each split.
+--positive_threshold (binary only): a numeric label >= threshold is class 1,
+e.g. a DR grade >= 2 -> referable. --label_map maps raw values to class indices
+("none:0,npdr:1,pdr:1"). Row numbers in rejected.csv are 0-based row indices of
+the source table (for CSV sources: the data row, header excluded; ODIR has two
+rows per CSV line, left eye first).
+"""
+
+import collections
+import csv
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+
+import numpy as np
+import pandas as pd
+from absl import app, flags, logging
+from tqdm import tqdm
+
+from input_pipeline import preprocessing, sources, splits
+
+# NOTE: tensorflow (and features.py, which imports it) is imported only inside the
+# writer functions: spawned workers re-import this module and must stay TF-free.
+
+CROPS = ("fundus", "none")
+CLAHES = ("none", "green", "lab")
+BALANCES = ("none", "upsample")
+STATE_DIR = ".state"
+PAUSE_ENV = "FUNDUSFLOW_PREPARE_PAUSE_AFTER_SHARDS"  # test hook: see _maybe_pause
+PAUSE_MARKER_ENV = "FUNDUSFLOW_PREPARE_PAUSE_MARKER"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """Every prepare option (the flags of the same name)."""
+
+    labels_csv: str
+    out_dir: str
+    images_dir: str | None = None
+    source: str = "generic"
+    task: str = "dr_grade"
+    label_columns: tuple[str, ...] = ()
+    image_column: str | None = None
+    class_names: tuple[str, ...] | None = None
+    positive_threshold: float | None = None
+    label_map: str | None = None
+    image_size: int = 512
+    crop: str = "fundus"
+    clahe: str = "none"
+    ben_graham: bool = False
+    ben_graham_sigma: float = 10.0
+    jpeg_quality: int = 95
+    split: str = "0.7,0.15,0.15"
+    split_column: str | None = None
+    group_column: str | None = None
+    duplicates_csv: str | None = None
+    min_class_count: int = 0
+    balance: str = "none"
+    num_shards: int = 0
+    examples_per_shard: int = 1024
+    workers: int = 1
+    seed: int = 0
+    overwrite: bool = False
+
+
+def check_config(cfg: PrepareConfig) -> None:
+    """Raises ValueError naming the flag of the first invalid option."""
+    from_choices = {"task": (cfg.task, ("dr_grade", "binary", "multiclass", "multilabel")),
+                    "crop": (cfg.crop, CROPS), "clahe": (cfg.clahe, CLAHES),
+                    "balance": (cfg.balance, BALANCES)}
+    for flag, (value, choices) in from_choices.items():
+        if value not in choices:
+            raise ValueError(f"--{flag}: {value!r} is not one of {', '.join(choices)}")
+    splits.parse_fractions(cfg.split)
+    sources.parse_label_map(cfg.label_map)
+    checks = {"image_size": cfg.image_size >= 8, "jpeg_quality": 1 <= cfg.jpeg_quality <= 100,
+              "workers": cfg.workers >= 1, "num_shards": cfg.num_shards >= 0,
+              "examples_per_shard": cfg.examples_per_shard >= 1,
+              "min_class_count": cfg.min_class_count >= 0,
+              "positive_threshold": cfg.positive_threshold is None or cfg.task == "binary",
+              "out_dir": bool(cfg.out_dir)}
+    for flag, ok in checks.items():
+        if not ok:
+            raise ValueError(f"--{flag}: invalid value for task {cfg.task!r}: "
+                             f"{getattr(cfg, flag)!r}")
+
+
+def preprocess_config(cfg: PrepareConfig) -> preprocessing.PreprocessConfig:
+    return preprocessing.PreprocessConfig(
+            image_size=cfg.image_size, crop=cfg.crop,
+            clahe=None if cfg.clahe == "none" else cfg.clahe, ben_graham=cfg.ben_graham,
+            ben_graham_sigma=cfg.ben_graham_sigma, jpeg_quality=cfg.jpeg_quality)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass
+class Shard:
+    """One output file: `entries` are table rows in write order (upsampled rows repeat)."""
+
+    name: str
+    split: str
+    entries: list[int]
+
+    def unique_rows(self) -> list[int]:
+        return list(dict.fromkeys(self.entries))
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything decided before reading images.
+
+    table columns: row, path, label, patient_id, abs_path, rel_path, y (encoded label
+    or None), reason (pre-image rejection or None), split (index into splits.SPLITS, -1).
+    """
+
+    table: pd.DataFrame
+    class_names: list[str]
+    dropped_classes: list[str]
+    shards: list[Shard]
+    split_info: dict
+    counts_before_balance: dict[str, list[int]]
+
+    def fingerprint(self, cfg: PrepareConfig) -> str:
+        """Hash of everything that determines the output bytes (not workers/overwrite)."""
+        options = dataclasses.asdict(cfg)
+        options.pop("workers"), options.pop("overwrite")
+        t = self.table
+        blob = json.dumps({"cfg": options, "classes": self.class_names,
+                           "rows": [list(t.abs_path), [str(y) for y in t.y], list(t.patient_id)],
+                           "shards": [[s.name, s.entries] for s in self.shards]},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def resolve_path(path: str, images_dir: str) -> tuple[str, str, str | None]:
+    """-> (absolute path, path relative to images_dir, reason it is unusable or None)."""
+    if not path:
+        return "", "", "empty path"
+    full = os.path.normpath(path if os.path.isabs(path) else os.path.join(images_dir, path))
+    rel = os.path.relpath(full, images_dir)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return full, rel, "path outside --images_dir"
+    return full, rel, None
+
+
+def _pre_reject(table: pd.DataFrame, source: sources.Source, spec: sources.LabelSpec,
+                class_names: list[str]) -> None:
+    """Adds abs_path, rel_path, y, reason: path, duplicate-row and label checks."""
+    resolved = [resolve_path(p, source.images_dir) for p in table["path"]]
+    table["abs_path"] = [r[0] for r in resolved]
+    table["rel_path"] = [r[1] for r in resolved]
+    reasons = [r[2] for r in resolved]
+    seen = set()
+    for i, (full, reason) in enumerate(zip(table["abs_path"], reasons, strict=True)):
+        if reason is None and full in seen:
+            reasons[i] = "duplicate row"  # same file listed twice: the first row wins
+        seen.add(full)
+    encoded, label_reasons = sources.encode_labels(table, spec, class_names)
+    table["y"] = pd.Series(encoded, dtype=object)
+    table["reason"] = [r or lr for r, lr in zip(reasons, label_reasons, strict=True)]
+
+
+def _drop_rare(table: pd.DataFrame, class_names: list[str], min_count: int,
+               multilabel: bool) -> tuple[list[str], list[str]]:
+    """Applies --min_class_count; returns (kept class names, dropped class names)."""
+    ok = table["reason"].isna()
+    counts = splits.class_counts(table.loc[ok, "y"], len(class_names), multilabel)
+    rare = splits.rare_classes(counts, min_count) if min_count > 0 else []
+    if not rare:
+        return class_names, []
+    keep = [i for i in range(len(class_names)) if i not in rare]
+    if len(keep) < (1 if multilabel else 2):
+        raise ValueError(f"--min_class_count={min_count} would drop all classes {class_names}")
+    new_index = {old: new for new, old in enumerate(keep)}
+    if multilabel:
+        table.loc[ok, "y"] = pd.Series([tuple(y[i] for i in keep) for y in table.loc[ok, "y"]],
+                                       index=table.index[ok], dtype=object)
+    else:
+        dropped = ok & table["y"].map(lambda y: y in rare)
+        table.loc[dropped, "reason"] = "class dropped (min_class_count)"
+        ok = table["reason"].isna()
+        table.loc[ok, "y"] = table.loc[ok, "y"].map(new_index)
+    return [class_names[i] for i in keep], [class_names[i] for i in rare]
+
+
+def _duplicates_groups(path: str | None, table: pd.DataFrame, images_dir: str) -> list:
+    """--duplicates_csv (columns group,image) -> lists of table rows to keep together."""
+    if not path:
+        return []
+    df = sources.read_csv(path)
+    sources.require_columns(df, ["group", "image"], "--duplicates_csv")
+    where = {p: i for i, p in enumerate(table["abs_path"])}
+    groups = collections.defaultdict(list)
+    for group, image in zip(df["group"], df["image"], strict=True):
+        full = resolve_path(image, images_dir)[0]
+        if full in where:
+            groups[group].append(where[full])
+    return list(groups.values())
+
+
+def _assign_splits(cfg: PrepareConfig, table: pd.DataFrame, kept: np.ndarray,
+                   class_names: list[str], images_dir: str) -> dict:
+    """Fills table["split"] for kept rows; returns the dataset.json "split" record."""
+    sub = table.loc[kept]
+    extra = _duplicates_groups(cfg.duplicates_csv, sub.reset_index(drop=True), images_dir)
+    groups, stats = splits.group_rows(list(sub["patient_id"]), list(sub["abs_path"]), extra)
+    fractions = splits.parse_fractions(cfg.split)
+    multilabel = cfg.task == "multilabel"
+    if "split" in table.columns:
+        assign = splits.split_column_indices(list(sub["split"]))
+        method = "column"
+    elif multilabel:
+        assign = splits.iterative_stratified_split(groups, np.array(list(sub["y"])),
+                                                   fractions, cfg.seed)
+        method = "grouped_iterative_stratified"
+    else:
+        assign = splits.greedy_stratified_split(groups, np.array(list(sub["y"])),
+                                                len(class_names), fractions, cfg.seed)
+        method = "grouped_stratified"
+    table["split"] = -1
+    table.loc[kept, "split"] = assign
+    straddling = splits.straddling_groups(groups, assign)
+    if straddling:
+        logging.warning("%d groups (patient / identical bytes) straddle the given splits",
+                        straddling)
+    return {"method": method, "fractions": list(fractions) if method != "column" else None,
+            "group_column": cfg.group_column or ("patient_id" if sub["patient_id"].any() else None),
+            "seed": cfg.seed, "duplicates_csv": cfg.duplicates_csv,
+            "straddling_groups": straddling, **stats}
+
+
+def _shards_per_split(cfg: PrepareConfig, sizes: dict[str, int]) -> dict[str, int]:
+    """--num_shards (total, proportional, >= 1 per non-empty split) or auto."""
+    total = sum(sizes.values())
+    out = {}
+    for name, n in sizes.items():
+        if n == 0:
+            out[name] = 0
+        elif cfg.num_shards:
+            out[name] = max(1, round(cfg.num_shards * n / total))
+        else:
+            out[name] = -(-n // cfg.examples_per_shard)
+    return out
+
+
+def _upsample(rows: list[int], labels: list, num_classes: int, multilabel: bool) -> list[int]:
+    """Extra copies (row indices) so that classes are roughly balanced.
+
+    Single-label: every class is repeated round-robin up to the largest class.
+    Multi-label: each example counts for its rarest positive label; labels are
+    topped up from the rarest, the copies also counting for the other labels.
+    """
+    counts = np.array(splits.class_counts(labels, num_classes, multilabel), dtype=np.int64)
+    if not multilabel:
+        by_class = collections.defaultdict(list)
+        for r, y in zip(rows, labels, strict=True):
+            by_class[y].append(r)
+        target = counts.max()
+        return [members[k % len(members)] for c, members in sorted(by_class.items())
+                for k in range(target - counts[c])]
+    matrix = np.array(labels, dtype=np.int64).reshape(len(rows), num_classes)
+    masked = np.where(matrix > 0, counts[None, :], np.iinfo(np.int64).max)
+    rarest = np.where(matrix.any(axis=1), masked.argmin(axis=1), -1)
+    target, extra = counts.max(), []
+    for c in np.argsort(counts, kind="stable"):
+        members = [i for i in range(len(rows)) if rarest[i] == c]
+        k = 0
+        while members and counts[c] < target:
+            i = members[k % len(members)]
+            extra.append(rows[i])
+            counts += matrix[i]
+            k += 1
+    return extra
+
+
+def _make_shards(cfg: PrepareConfig, table: pd.DataFrame, num_classes: int):
+    """-> (shards, per-split class counts before balancing)."""
+    rng = np.random.default_rng(cfg.seed)
+    multilabel = cfg.task == "multilabel"
+    members = {name: rng.permutation(np.flatnonzero(table["split"].to_numpy() == i)).tolist()
+               for i, name in enumerate(splits.SPLITS)}
+    per_split = _shards_per_split(cfg, {k: len(v) for k, v in members.items()})
+    shards, before = [], {}
+    for name, rows in members.items():
+        labels = [table.at[r, "y"] for r in rows]
+        before[name] = splits.class_counts(labels, num_classes, multilabel)
+        n = per_split[name]
+        chunks = ([c.tolist() for c in np.array_split(np.array(rows, dtype=np.int64), n)]
+                  if n else [])
+        if name == "train" and cfg.balance == "upsample":
+            chunks = _place_copies(chunks, _upsample(rows, labels, num_classes, multilabel),
+                                   rng)
+        shards += [Shard(f"{name}-{i:05d}-of-{n:05d}.tfrecord", name, c)
+                   for i, c in enumerate(chunks)]
+    return shards, before
+
+
+def _place_copies(chunks: list[list[int]], copies: list[int], rng) -> list[list[int]]:
+    """Puts each copy in its original's shard (bytes reused), then shuffles each shard."""
+    home = {r: i for i, chunk in enumerate(chunks) for r in chunk}
+    for r in copies:
+        chunks[home[r]].append(r)
+    return [rng.permutation(np.array(c, dtype=np.int64)).tolist() for c in chunks]
+
+
+def make_plan(cfg: PrepareConfig, source: sources.Source) -> Plan:
+    """Decides rejections-from-table, classes, groups, splits and shards (no images read)."""
+    spec = sources.LabelSpec(task=cfg.task, class_names=cfg.class_names,
+                             positive_threshold=cfg.positive_threshold,
+                             label_map=sources.parse_label_map(cfg.label_map))
+    class_names = sources.resolve_class_names(spec, source)
+    table = source.table.copy()
+    _pre_reject(table, source, spec, class_names)
+    class_names, dropped = _drop_rare(table, class_names, cfg.min_class_count,
+                                      cfg.task == "multilabel")
+    kept = table["reason"].isna().to_numpy()
+    split_info = _assign_splits(cfg, table, kept, class_names, source.images_dir)
+    shards, before = _make_shards(cfg, table, len(class_names))
+    return Plan(table, class_names, dropped, shards, split_info, before)
+
+
+# ----------------------------------------------------------------------------- workers
+
+_WORKER_CONFIG: preprocessing.PreprocessConfig | None = None
+
+
+def _init_worker(config: preprocessing.PreprocessConfig) -> None:
+    global _WORKER_CONFIG
+    _WORKER_CONFIG = config
+    try:  # OpenCV's own threads would oversubscribe the cores next to our processes
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:
+        pass
+
+
+def _encode_row(task: tuple[int, str]) -> tuple[int, bytes | None, str | None, dict]:
+    """(row, path) -> (row, JPEG bytes or None, rejection reason or None, info)."""
+    row, path = task
+    try:
+        img, info = preprocessing.process_image(path, _WORKER_CONFIG)
+        data = preprocessing.encode_jpeg(img, _WORKER_CONFIG.jpeg_quality)
+    except preprocessing.ImageError as e:
+        return row, None, e.reason, {}
+    except Exception as e:  # noqa: BLE001 - one bad file must not stop 88k others
+        return row, None, f"unexpected error: {type(e).__name__}: {e}", {}
+    info = {k: v for k, v in info.items() if isinstance(v, bool | int | float | str)}
+    info.update(height=int(img.shape[0]), width=int(img.shape[1]))
+    return row, data, None, info
+
+
+class _Encoder:
+    """Ordered stream of encoded rows, from a spawn pool or in-process."""
+
+    def __init__(self, cfg: PrepareConfig, tasks):
+        config = preprocess_config(cfg)
+        self.pool = None
+        if cfg.workers > 1:
+            ctx = multiprocessing.get_context("spawn")
+            self.pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(config,))
+            self.results = self.pool.imap(_encode_row, tasks, chunksize=4)
+        else:
+            _init_worker(config)
+            self.results = map(_encode_row, tasks)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _state_path(out_dir: str, name: str) -> str:
+    return os.path.join(out_dir, STATE_DIR, name + ".json")
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _load_done(out_dir: str, shard: Shard) -> dict | None:
+    """The sidecar of a finished shard whose file is intact, else None."""
+    try:
+        with open(_state_path(out_dir, shard.name)) as f:
+            state = json.load(f)
+        if os.path.getsize(os.path.join(out_dir, shard.name)) == state["size"]:
+            return state
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
+def _prepare_out_dir(cfg: PrepareConfig, fingerprint: str) -> None:
+    """Creates out_dir/.state; refuses (or with --overwrite, clears) another plan's output."""
+    state_dir = os.path.join(cfg.out_dir, STATE_DIR)
+    os.makedirs(state_dir, exist_ok=True)
+    plan_file = os.path.join(state_dir, "plan.json")
+    previous = None
+    if os.path.exists(plan_file):
+        with open(plan_file) as f:
+            previous = json.load(f).get("fingerprint")
+    if previous not in (None, fingerprint):
+        if not cfg.overwrite:
+            raise ValueError(f"--out_dir: {cfg.out_dir} holds output of a different plan "
+                             "(other CSV, flags or seed); pass --overwrite or a new --out_dir")
+        _clear_outputs(cfg.out_dir)
+    for name in os.listdir(cfg.out_dir):
+        if name.endswith(".tmp"):  # partial shard of a killed run
+            os.remove(os.path.join(cfg.out_dir, name))
+    _write_json(plan_file, {"fingerprint": fingerprint})
+
+
+def _clear_outputs(out_dir: str) -> None:
+    for name in os.listdir(out_dir):
+        if name.endswith((".tfrecord", ".tmp")) or name in ("dataset.json", "rejected.csv"):
+            os.remove(os.path.join(out_dir, name))
+    state_dir = os.path.join(out_dir, STATE_DIR)
+    for name in os.listdir(state_dir):
+        os.remove(os.path.join(state_dir, name))
+
+
+def _maybe_pause(shards_done: int) -> None:
+    """Test hook: with FUNDUSFLOW_PREPARE_PAUSE_AFTER_SHARDS=N, after N finished shards
+    and one record flushed into the next `.tmp`, touch the marker and hang (to be killed)."""
+    limit = os.environ.get(PAUSE_ENV)
+    if limit is None or shards_done != int(limit):
+        return
+    marker = os.environ.get(PAUSE_MARKER_ENV)
+    if marker:
+        open(marker, "w").close()
+    time.sleep(3600)
+
+
+def _write_shard(cfg: PrepareConfig, plan: Plan, shard: Shard, results, progress,
+                 shards_done: int) -> dict:
+    """Consumes this shard's results, writes `<shard>.tmp`, renames it, writes the sidecar."""
+    import tensorflow as tf
+
+    from input_pipeline import features
+
+    encoded, rejected, quality = {}, [], collections.Counter()
+    for _ in range(len(shard.unique_rows())):
+        row, data, reason, info = next(results)
+        progress.update(1)
+        if data is None:
+            rejected.append([row, reason])
+            continue
+        encoded[row] = (data, info)
+        quality.update(k for k, v in info.items() if k.startswith("quality_") and v is True)
+    path = os.path.join(cfg.out_dir, shard.name)
+    t = plan.table
+    num_records = 0
+    with tf.io.TFRecordWriter(path + ".tmp") as writer:
+        for row in shard.entries:
+            if row not in encoded:
+                continue
+            data, info = encoded[row]
+            y = t.at[row, "y"]
+            writer.write(features.serialize_example(
+                    data, y, height=info["height"], width=info["width"],
+                    patient_id=t.at[row, "patient_id"], source=t.at[row, "rel_path"]))
+            num_records += 1
+            if num_records == 1:
+                writer.flush()
+                _maybe_pause(shards_done)
+    os.replace(path + ".tmp", path)
+    state = {"written": sorted(encoded), "rejected": sorted(rejected),
+             "num_records": num_records, "quality": dict(sorted(quality.items())),
+             "size": os.path.getsize(path)}
+    _write_json(_state_path(cfg.out_dir, shard.name), state)
+    return state
+
+
+def write_shards(cfg: PrepareConfig, plan: Plan) -> dict[str, dict]:
+    """Writes every unfinished shard; returns {shard name: sidecar state}."""
+    states = {s.name: _load_done(cfg.out_dir, s) for s in plan.shards}
+    pending = [s for s in plan.shards if states[s.name] is None]
+    if len(pending) < len(plan.shards):
+        logging.info("resuming: %d of %d shards already done", len(plan.shards) - len(pending),
+                     len(plan.shards))
+    t = plan.table
+    tasks = [(r, t.at[r, "abs_path"]) for s in pending for r in s.unique_rows()]
+    total = len(tasks)
+    encoder = _Encoder(cfg, tasks)
+    try:
+        with tqdm(total=total, unit="img", desc="prepare", smoothing=0.05) as progress:
+            for done, shard in enumerate(pending):
+                states[shard.name] = _write_shard(cfg, plan, shard, encoder.results, progress,
+                                                  done)
+    finally:
+        encoder.close()
+    return states
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _rejections(plan: Plan, states: dict[str, dict]) -> list[tuple[int, str, str]]:
+    """(row, path, reason) of every row not written, sorted by row."""
+    t = plan.table
+    out = [(int(r), t.at[r, "path"], t.at[r, "reason"])
+           for r in t.index[t["reason"].notna()]]
+    out += [(int(r), t.at[r, "path"], reason) for s in states.values()
+            for r, reason in s["rejected"]]
+    return sorted(out)
+
+
+def summarize(cfg: PrepareConfig, source: sources.Source, plan: Plan,
+              states: dict[str, dict], seconds: float) -> dict:
+    """The dataset.json record; asserts rows read = written + rejected."""
+    t, multilabel = plan.table, cfg.task == "multilabel"
+    written = {r for s in states.values() for r in s["written"]}
+    rejected = _rejections(plan, states)
+    read = len(t)
+    assert read == len(written) + len(rejected), (read, len(written), len(rejected))
+    split_records = {}
+    for name in splits.SPLITS:
+        shards = [s for s in plan.shards if s.split == name]
+        records = [r for s in shards for r in s.entries if r in written]
+        unique = [r for r in dict.fromkeys(records)]
+        split_records[name] = {
+                "num_examples": len(records),
+                "class_counts": splits.class_counts([t.at[r, "y"] for r in records],
+                                                    len(plan.class_names), multilabel),
+                "class_counts_before_balance": splits.class_counts(
+                        [t.at[r, "y"] for r in unique], len(plan.class_names), multilabel),
+                "files": [s.name for s in shards]}
+    quality = collections.Counter()
+    for s in states.values():
+        quality.update(s["quality"])
+    reasons = collections.Counter(reason for _, _, reason in rejected)
+    return {
+            "task": cfg.task,
+            "num_classes": len(plan.class_names),
+            "class_names": plan.class_names,
+            "label_columns": source.label_columns,
+            "image_size": cfg.image_size,
+            "image_format": "jpeg",
+            "preprocessing": {"crop": cfg.crop, "clahe": None if cfg.clahe == "none"
+                              else cfg.clahe, "ben_graham": cfg.ben_graham,
+                              "ben_graham_sigma": cfg.ben_graham_sigma,
+                              "jpeg_quality": cfg.jpeg_quality},
+            "splits": split_records,
+            "rows": {"read": read, "written": len(written), "rejected": len(rejected),
+                     "skipped_unknown_label": reasons.get(sources.UNKNOWN_LABEL, 0)},
+            "rejected_reasons": dict(sorted(reasons.items())),
+            "dropped_classes": plan.dropped_classes,
+            "min_class_count": cfg.min_class_count,
+            "balance": cfg.balance,
+            "split": plan.split_info,
+            "label_encoding": {"positive_threshold": cfg.positive_threshold,
+                               "label_map": sources.parse_label_map(cfg.label_map)},
+            "quality_flags": dict(sorted(quality.items())),
+            "source": {"labels_csv": os.path.abspath(cfg.labels_csv),
+                       "images_dir": source.images_dir, "adapter": source.adapter},
+            "timing": {"seconds": round(seconds, 3),
+                       "images_per_second": round(len(written) / seconds, 2) if seconds else None},
+    }
+
+
+def _write_rejected(path: str, rejected: list[tuple[int, str, str]]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "path", "reason"])
+        writer.writerows(rejected)
+    os.replace(tmp, path)
+
+
+def run(cfg: PrepareConfig) -> dict:
+    """Runs (or resumes) prepare; returns the dataset.json record."""
+    start = time.perf_counter()
+    check_config(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    source = sources.load_source(cfg.source, sources.SourceArgs(
+            labels_csv=cfg.labels_csv, images_dir=cfg.images_dir,
+            label_columns=tuple(cfg.label_columns), image_column=cfg.image_column,
+            patient_column=cfg.group_column, split_column=cfg.split_column,
+            multilabel=cfg.task == "multilabel", out_dir=cfg.out_dir))
+    plan = make_plan(cfg, source)
+    _prepare_out_dir(cfg, plan.fingerprint(cfg))
+    states = write_shards(cfg, plan)
+    summary = summarize(cfg, source, plan, states, time.perf_counter() - start)
+    _write_rejected(os.path.join(cfg.out_dir, "rejected.csv"), _rejections(plan, states))
+    _write_json(os.path.join(cfg.out_dir, "dataset.json"), summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def define_flags() -> None:
+    """Defines the CLI flags (only when run as a program: other mains define
+    --seed/--out_dir too, and spawned workers re-import this module)."""
+    flags.DEFINE_string("labels_csv", None, "Label CSV (or the .npz for --source=npz; any "
+                        "file for --source=folders is ignored).")
+    flags.DEFINE_string("images_dir", None, "Folder the CSV's image paths are relative to "
+                        "(default: the CSV's folder).")
+    flags.DEFINE_string("out_dir", None, "Output folder.")
+    flags.DEFINE_enum("source", "generic", list(sources.ADAPTERS), "Label-source adapter.")
+    flags.DEFINE_string("task", "dr_grade", "dr_grade | binary | multiclass | multilabel.")
+    flags.DEFINE_string("label_column", None, "Label column (single-label tasks).")
+    flags.DEFINE_list("label_columns", None, "Label columns (multilabel), comma-separated.")
+    flags.DEFINE_string("image_column", None, "Image column (generic; default: first of "
+                        "image/path/filename/id_code/ID/id).")
+    flags.DEFINE_list("class_names", None, "Class names in index order (optional).")
+    flags.DEFINE_float("positive_threshold", None, "binary: numeric label >= this is positive "
+                       "(e.g. 2 for referable DR from grades 0-4).")
+    flags.DEFINE_string("label_map", None, "raw:index,... e.g. none:0,npdr:1,pdr:1.")
+    flags.DEFINE_integer("image_size", 512, "Output side length in pixels.")
+    flags.DEFINE_string("crop", "fundus", "fundus | none.")
+    flags.DEFINE_string("clahe", "none", "none | green | lab.")
+    flags.DEFINE_bool("ben_graham", False, "Ben Graham local-colour normalisation.")
+    flags.DEFINE_float("ben_graham_sigma", 10.0, "Ben Graham blur sigma at 512 px.")
+    flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality of the written images.")
+    flags.DEFINE_string("split", "0.7,0.15,0.15", "train,val,test fractions.")
+    flags.DEFINE_string("split_column", None, "Use this column's train/val/test instead.")
+    flags.DEFINE_string("group_column", None, "Patient column for grouping (default patient_id).")
+    flags.DEFINE_string("duplicates_csv", None, "Extra groups to keep together (group,image).")
+    flags.DEFINE_integer("min_class_count", 0, "Drop classes/labels with fewer positives.")
+    flags.DEFINE_string("balance", "none", "none | upsample (train split only).")
+    flags.DEFINE_integer("num_shards", 0, "Total shards over all splits; 0: auto.")
+    flags.DEFINE_integer("examples_per_shard", 1024, "Shard size when --num_shards=0.")
+    flags.DEFINE_integer("workers", os.cpu_count() or 1, "Decode/encode processes.")
+    flags.DEFINE_integer("seed", 0, "Seed of the split and the shard order.")
+    flags.DEFINE_bool("overwrite", False, "Replace the output of a different plan in --out_dir.")
+
+
+def config_from_flags(f=flags.FLAGS) -> PrepareConfig:
+    if f.label_column and f.label_columns:
+        raise app.UsageError("--label_column and --label_columns are exclusive")
+    if not f.labels_csv and f.source != "folders":
+        raise app.UsageError("--labels_csv is required")
+    if not f.out_dir:
+        raise app.UsageError("--out_dir is required")
+    columns = [f.label_column] if f.label_column else list(f.label_columns or [])
+    return PrepareConfig(
+            labels_csv=f.labels_csv or "", out_dir=f.out_dir, images_dir=f.images_dir,
+            source=f.source, task=f.task, label_columns=tuple(columns),
+            image_column=f.image_column,
+            class_names=tuple(f.class_names) if f.class_names else None,
+            positive_threshold=f.positive_threshold, label_map=f.label_map,
+            image_size=f.image_size, crop=f.crop, clahe=f.clahe, ben_graham=f.ben_graham,
+            ben_graham_sigma=f.ben_graham_sigma, jpeg_quality=f.jpeg_quality, split=f.split,
+            split_column=f.split_column, group_column=f.group_column,
+            duplicates_csv=f.duplicates_csv, min_class_count=f.min_class_count,
+            balance=f.balance, num_shards=f.num_shards,
+            examples_per_shard=f.examples_per_shard, workers=f.workers, seed=f.seed,
+            overwrite=f.overwrite)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        summary = run(config_from_flags())
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    rows = summary["rows"]
+    print(f"rows read {rows['read']}, written {rows['written']}, rejected {rows['rejected']} "
+          f"(unknown label {rows['skipped_unknown_label']}); "
+          f"{summary['timing']['images_per_second']} images/s -> {flags.FLAGS.out_dir}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
