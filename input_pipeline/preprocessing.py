@@ -230,15 +230,26 @@ def _detection_image(img: np.ndarray) -> tuple[np.ndarray, float]:
     return cv2.GaussianBlur(gray, (5, 5), 0), scale
 
 
-def field_mask(gray: np.ndarray) -> np.ndarray:
-    """uint8 {0, 255} mask of pixels brighter than the black border of a capture.
+def _border_threshold(gray: np.ndarray) -> float:
+    """Grey level just above the black border of a capture.
 
-    The threshold adapts to exposure: 10% of the way from the background level
-    (1st percentile) to the bright level (99th percentile), at least 6 grey levels
-    above the background, so very dark captures keep their field.
+    The border is the darkest large population of pixels: its level is the mode
+    of the histogram below the 10th percentile, its noise the spread of the
+    pixels below that mode. The threshold sits just above that noise, not at a
+    fraction of the field brightness, because under-exposed fields (and the dark
+    half of unevenly lit ones) are only 3-10 grey levels above a black border.
     """
-    lo, hi = np.percentile(gray, (1, 99))
-    threshold = lo + max(6.0, 0.1 * (hi - lo))
+    hist = np.bincount(gray.ravel(), minlength=256).astype(np.float64)
+    bg = int(np.argmax(hist[:int(np.percentile(gray, 10)) + 1]))
+    below = hist[:bg + 1]
+    sigma = np.sqrt(np.sum(below * (np.arange(bg + 1) - bg) ** 2) / np.sum(below))
+    return bg + max(2.5, 4.0 * sigma)
+
+
+def field_mask(gray: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """uint8 {0, 255} mask of gray [H, W] > threshold (default: _border_threshold)."""
+    if threshold is None:
+        threshold = _border_threshold(gray)
     return ((gray > threshold) * 255).astype(np.uint8)
 
 
@@ -251,25 +262,39 @@ def fit_circle(points: np.ndarray) -> Circle:
     return Circle(float(cx), float(cy), float(np.sqrt(max(c + cx * cx + cy * cy, 0.0))))
 
 
-def _robust_circle(points: np.ndarray, iterations: int = 4) -> Circle | None:
-    """Circle fit that drops points well inside the circle (straight clipping edges,
-    hull chords over dark notches) and, after two rounds, points well outside it
-    (notch markers)."""
+def _residuals(points: np.ndarray, circle: Circle) -> tuple[np.ndarray, float]:
+    """Signed distances of points to the circle (negative inside), and the inlier tolerance."""
+    dist = np.hypot(points[:, 0] - circle.cx, points[:, 1] - circle.cy) - circle.r
+    return dist, max(1.5, 0.01 * circle.r)
+
+
+def robust_circle(points: np.ndarray, iterations: int = 4) -> tuple[Circle, float] | None:
+    """Circle fit ignoring straight clipping edges and notches.
+
+    Points well inside the circle (edges where a mask or the frame clips the
+    field, hull chords over dark notches) are dropped every round; after two
+    rounds, points well outside it (notch markers) too.
+
+    Args:
+      points: float [N, 2] (x, y) outline points.
+    Returns:
+      (circle, inlier fraction: share of points within tolerance of it), or None
+      with fewer than 8 usable points.
+    """
     keep = np.ones(len(points), bool)
-    circle = None
     for i in range(iterations):
         if keep.sum() < 8:
             return None
         circle = fit_circle(points[keep])
-        dist = np.hypot(points[:, 0] - circle.cx, points[:, 1] - circle.cy) - circle.r
-        tol = max(1.5, 0.01 * circle.r)
+        dist, tol = _residuals(points, circle)
         keep = dist > -tol
         if i >= 1:
             keep &= dist < 3 * tol
-    return circle
+    dist, tol = _residuals(points, circle)
+    return circle, float(np.mean(np.abs(dist) < tol))
 
 
-def _boundary_points(mask: np.ndarray, min_area: float) -> np.ndarray | None:
+def _hull_outline(mask: np.ndarray, min_area: float) -> np.ndarray | None:
     """Points float [N, 2] of the convex hull outline of the largest blob, without
     points on the image frame (where the frame, not the field, clips the blob)."""
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -289,22 +314,39 @@ def _boundary_points(mask: np.ndarray, min_area: float) -> np.ndarray | None:
     return pts[~on_frame]
 
 
+def _fit_mask(mask: np.ndarray, min_fraction: float) -> tuple[Circle, float] | None:
+    """(circle, inlier fraction) of the largest blob of mask, if plausible."""
+    points = _hull_outline(mask, min_fraction * mask.size)
+    if points is None or len(points) < 8:
+        return None
+    fit = robust_circle(points)
+    if fit is None or not _plausible(fit[0], mask.shape, min_fraction):
+        return None
+    return fit
+
+
 def _plausible(circle: Circle, shape: tuple[int, int], min_fraction: float) -> bool:
+    """Centre inside the frame, radius below the longer side, enough field area."""
     h, w = shape
-    inside = 0 <= circle.cx < w and 0 <= circle.cy < h
-    area = _disc_area_in_frame(circle, shape)
-    return inside and circle.r < max(h, w) and area >= min_fraction * h * w
-
-
-def _disc_area_in_frame(circle: Circle, shape: tuple[int, int]) -> float:
-    """Pixels of the frame [h, w] inside the circle (rasterised)."""
+    if not (0 <= circle.cx < w and 0 <= circle.cy < h and circle.r < max(h, w)):
+        return False
     mask = np.zeros(shape, np.uint8)
     cv2.circle(mask, (round(circle.cx), round(circle.cy)), round(circle.r), 1, -1)
-    return float(mask.sum())
+    return mask.sum() >= min_fraction * h * w
+
+
+# Below this share of outline points on the fitted circle, the border threshold
+# probably caught a grey letterbox or frame around the field (not a circle).
+_MIN_INLIERS = 0.25
 
 
 def find_fundus(img: np.ndarray, min_fraction: float = 0.1) -> Circle | None:
     """Finds the circular field of view of a fundus photograph.
+
+    Threshold just above the black border (adaptive to exposure), largest blob,
+    its convex hull, robust circle fit to the hull outline minus the frame. When
+    few outline points lie on the circle, an Otsu threshold among the bright
+    pixels is tried too (a grey band around the field) and the better fit kept.
 
     Args:
       img: uint8 RGB [H, W, 3] (or gray [H, W]), any exposure; the field may be
@@ -316,14 +358,20 @@ def find_fundus(img: np.ndarray, min_fraction: float = 0.1) -> Circle | None:
       or no visible rim (the field fills the whole frame).
     """
     gray, scale = _detection_image(img)
-    min_area = min_fraction * gray.size
-    points = _boundary_points(field_mask(gray), min_area)
-    if points is None or len(points) < 8:
+    threshold = _border_threshold(gray)
+    fit = _fit_mask(field_mask(gray, threshold), min_fraction)
+    if fit is None or fit[1] < _MIN_INLIERS:
+        bright = gray[gray > threshold]
+        if bright.size:
+            otsu, _ = cv2.threshold(bright.reshape(1, -1), 0, 255,
+                                    cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+            retry = _fit_mask(field_mask(gray, otsu), min_fraction)
+            if retry is not None and (fit is None or retry[1] > fit[1]):
+                fit = retry
+    if fit is None:
         return None
-    circle = _robust_circle(points)
-    if circle is None or not _plausible(circle, gray.shape, min_fraction):
-        return None
-    # +0.5: contour points are the centres of the outermost field pixels.
+    circle = fit[0]
+    # +0.5: outline points are the centres of the outermost field pixels.
     return Circle(circle.cx / scale, circle.cy / scale, (circle.r + 0.5) / scale)
 
 
