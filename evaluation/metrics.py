@@ -138,7 +138,8 @@ def _mean_defined(fns: Sequence[Callable[[], float]], what: str) -> float:
 # Each `_stats_<task>` returns name -> function of an index array, so the same code
 # gives the split value (all indices) and the bootstrap replicates.
 
-def _binary_probs(probs: np.ndarray) -> np.ndarray:
+def binary_probs(probs: np.ndarray) -> np.ndarray:
+    """P(class 1) float64 [N] from [N], [N, 1] or [N, 2] probabilities."""
     probs = np.asarray(probs, np.float64)
     if probs.ndim == 2:
         probs = probs[:, -1]  # [N, 1] -> P(1); [N, 2] -> column of class 1
@@ -276,7 +277,7 @@ def _prepare(task, y_true, probs, decisions):
     if task == "multilabel":
         return (np.asarray(y_true).astype(np.int64), np.asarray(probs, np.float64),
                 np.asarray(decisions).astype(np.int64))
-    probs = _binary_probs(probs) if task == "binary" else np.asarray(probs, np.float64)
+    probs = binary_probs(probs) if task == "binary" else np.asarray(probs, np.float64)
     return (np.asarray(y_true).astype(np.int64).reshape(-1), probs,
             np.asarray(decisions).astype(np.int64).reshape(-1))
 
