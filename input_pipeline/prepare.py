@@ -493,10 +493,13 @@ def _write_shard(cfg: PrepareConfig, plan: Plan, shard: Shard, results, progress
             if row not in encoded:
                 continue
             data, info = encoded[row]
-            y = t.at[row, "y"]
-            writer.write(features.serialize_example(
-                    data, y, height=info["height"], width=info["width"],
-                    patient_id=t.at[row, "patient_id"], source=t.at[row, "rel_path"]))
+            example = features.serialize_example(
+                    data, t.at[row, "y"], height=info["height"], width=info["width"],
+                    patient_id=t.at[row, "patient_id"], source=t.at[row, "rel_path"])
+            # Protobuf writes map fields in an order that differs between processes;
+            # sorted keys make a resumed run byte-identical to an uninterrupted one.
+            example = tf.train.Example.FromString(example).SerializeToString(deterministic=True)
+            writer.write(example)
             num_records += 1
             if num_records == 1:
                 writer.flush()
