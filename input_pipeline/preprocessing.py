@@ -562,8 +562,9 @@ def quality_flags(img: np.ndarray, circle: Circle | None, scale: float = 1.0,
     if circle is None:
         mean, diameter = float(luma.mean()), float(min(h, w))
     else:
-        mask = circle_mask((h, w), circle).astype(np.uint8)
-        mean = float(cv2.mean(luma, mask)[0]) if mask.any() else 0.0
+        mask = np.zeros((h, w), np.uint8)  # cv2.circle: ~10x faster than circle_mask
+        cv2.circle(mask, (round(circle.cx), round(circle.cy)), round(circle.r), 1, -1)
+        mean = float(cv2.mean(luma, mask)[0]) if cv2.countNonZero(mask) else 0.0
         diameter = 2 * circle.r
     fraction = diameter / min(h, w)
     return {
