@@ -19,6 +19,7 @@ integer positions.
 """
 
 import dataclasses
+import io
 import math
 import pathlib
 import warnings
@@ -92,13 +93,16 @@ def _read_bytes(path) -> bytes:
     return data
 
 
-def _header(path) -> tuple[str, tuple[int, int], str]:
-    """(format, (width, height), mode) from the header only; raises ImageError."""
+def _header(data: bytes) -> tuple[str, tuple[int, int], str]:
+    """(format, (width, height), mode) parsed from the header only (Pillow is lazy:
+    no pixel is decoded here); raises ImageError."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                return im.format or "", im.size, im.mode
+            with Image.open(io.BytesIO(data)) as im:
+                # MPO: JPEG with extra frames (stereo / preview), as some cameras write.
+                fmt = "JPEG" if im.format == "MPO" else im.format or ""
+                return fmt, im.size, im.mode
     except Image.DecompressionBombError as e:
         raise ImageError(f"image too large to decode safely (> {MAX_MEGAPIXELS:g} MP)") from e
     except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -143,18 +147,20 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
     raise ImageError(f"unsupported pixel type {img.dtype}")
 
 
-def _composite_on_black(bgra: np.ndarray) -> np.ndarray:
-    """BGRA (uint8 or uint16) -> BGR of the same dtype, colour * alpha / max, rounded."""
-    max_value = np.iinfo(bgra.dtype).max
-    alpha = bgra[..., 3:].astype(np.uint64)
-    colour = bgra[..., :3].astype(np.uint64)
-    return ((colour * alpha + max_value // 2) // max_value).astype(bgra.dtype)
+def _composite_on_black(img: np.ndarray) -> np.ndarray:
+    """[H, W, C + 1] colour + alpha (uint8 or uint16) -> [H, W, C] of the same dtype,
+    colour * alpha / max, rounded."""
+    max_value = np.iinfo(img.dtype).max
+    alpha = img[..., -1:].astype(np.uint64)
+    colour = img[..., :-1].astype(np.uint64)
+    return ((colour * alpha + max_value // 2) // max_value).astype(img.dtype)
 
 
 def _to_rgb(img: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Any OpenCV decode (gray / BGR / BGRA, uint8 / uint16) -> RGB uint8, notes."""
+    """Any OpenCV decode (gray / gray+alpha / BGR / BGRA, uint8 / uint16) -> RGB uint8,
+    and notes on what was converted."""
     notes = []
-    if img.ndim == 3 and img.shape[2] == 4:
+    if img.ndim == 3 and img.shape[2] in (2, 4):
         img = _composite_on_black(img)
         notes.append("alpha->black")
     if img.dtype != np.uint8:
@@ -175,28 +181,43 @@ def read_image_with_info(path, target_size: int | None = None) -> tuple[np.ndarr
       `converted` (comma-separated notes such as "16bit->8bit,alpha->black", or "").
     """
     data = _read_bytes(path)
-    fmt, (width, height), mode = _header(path)
+    fmt, (width, height), mode = _header(data)
     if width * height > MAX_MEGAPIXELS * 1e6:
         raise ImageError(f"image too large to decode safely (> {MAX_MEGAPIXELS:g} MP)")
     _check_complete(fmt, data)
-    buf = np.frombuffer(data, np.uint8)
-    scale = 1
-    if fmt == "JPEG":
-        # 8-bit only; OpenCV converts gray and CMYK JPEGs to 3 channels itself.
-        scale = reduced_scale((width, height), target_size)
-        img = cv2.imdecode(buf, _REDUCED_FLAGS[scale])
-        notes = {"L": ["gray->rgb"], "CMYK": ["cmyk->rgb"]}.get(mode, [])
-        if img is not None:
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    else:
-        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-        if img is not None:
-            img, notes = _to_rgb(img)
-    if img is None or img.size == 0:
-        raise ImageError(f"could not decode {fmt or 'image'} data")
+    scale = reduced_scale((width, height), target_size) if fmt == "JPEG" else 1
+    img, notes = _decode(data, fmt, mode, scale)
     info = {"original_size": [height, width], "decode_scale": scale, "format": fmt,
             "converted": ",".join(notes)}
     return np.ascontiguousarray(img), info
+
+
+_MODE_NOTES = {"1": "gray->rgb", "L": "gray->rgb", "LA": "gray->rgb", "I": "gray->rgb",
+               "P": "palette->rgb", "PA": "palette->rgb", "CMYK": "cmyk->rgb"}
+
+
+def _decode(data: bytes, fmt: str, mode: str, scale: int) -> tuple[np.ndarray, list[str]]:
+    """Decodes with OpenCV: uint8 RGB [H / scale, W / scale, 3] and conversion notes."""
+    buf = np.frombuffer(data, np.uint8)
+    try:
+        if fmt == "JPEG":
+            # 8-bit only; OpenCV converts gray and CMYK JPEGs to 3 channels itself.
+            img, notes = cv2.imdecode(buf, _REDUCED_FLAGS[scale]), []
+            if img is not None:
+                img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        else:
+            img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+            if img is not None:
+                img, notes = _to_rgb(img)
+    except cv2.error as e:
+        raise ImageError(f"could not decode {fmt or 'image'} data") from e
+    if img is None or img.size == 0:
+        raise ImageError(f"could not decode {fmt or 'image'} data")
+    # OpenCV expands these to BGR(A) silently; the header says what they were.
+    mode_note = _MODE_NOTES.get(mode.split(";")[0])
+    if mode_note and mode_note not in notes:
+        notes.append(mode_note)
+    return img, notes
 
 
 def read_image(path, target_size: int | None = None) -> np.ndarray:

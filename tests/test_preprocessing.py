@@ -85,6 +85,30 @@ def test_alpha_is_composited_on_black(tmp_path):
     assert info["converted"] == "alpha->black"
 
 
+def test_16bit_alpha_gray_alpha_palette_cmyk(tmp_path):
+    rgba16 = np.zeros((2, 2, 4), np.uint16)
+    rgba16[..., :3], rgba16[..., 3] = 65535, 32896  # white at ~50% opacity
+    out, info = pp.read_image_with_info(write_rgb(tmp_path / "rgba16.png", rgba16))
+    assert (out == 128).all() and info["converted"] == "alpha->black,16bit->8bit"
+
+    la = np.zeros((1, 2, 2), np.uint8)
+    la[..., 0], la[..., 1] = 200, (255, 64)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    out, info = pp.read_image_with_info(tmp_path / "la.png")
+    np.testing.assert_array_equal(out[0, :, 0], [200, 50])  # 200 * 64 / 255 = 50.2
+    assert info["converted"] == "alpha->black,gray->rgb"
+
+    Image.fromarray(np.full((4, 4, 3), (10, 200, 30), np.uint8)).convert("P").save(
+            tmp_path / "pal.png")
+    out, info = pp.read_image_with_info(tmp_path / "pal.png")
+    assert out.shape == (4, 4, 3) and info["converted"] == "palette->rgb"
+    assert out[0, 0, 1] > 150 > out[0, 0, 0]  # still green
+
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")  # red
+    out, info = pp.read_image_with_info(tmp_path / "cmyk.jpg")
+    assert info["converted"] == "cmyk->rgb" and out[4, 4, 0] > 200 > 50 > out[4, 4, 1]
+
+
 def test_grayscale_png_and_jpeg_are_replicated(tmp_path):
     gray = np.full((8, 8), 77, np.uint8)
     for name in ("g.png", "g.jpg"):
