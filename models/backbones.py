@@ -1,0 +1,151 @@
+"""Registered backbones: pixels in [0, 255] -> last conv feature map.
+
+Each builder returns a ``keras.Model`` named ``"backbone"`` mapping float32
+``[B, S, S, 3]`` pixels in [0, 255] to its last conv feature map ``[B, h, w, C]``
+(``include_top=False``; this is the map Grad-CAM uses). Input normalisation is
+inside the backbone, chosen per backbone in ``INPUT_SCALING`` below: the only
+place in fundusflow that scales pixels.
+
+``weights``: None (random init), ``"imagenet"`` (keras.applications backbones
+only; downloads once into ~/.keras), or a path to a weights file of the
+backbone, loaded with ``load_weights``.
+"""
+
+import gin
+import keras
+from keras import layers
+
+from models.registry import register
+
+# name -> (scale, offset) of a Rescaling layer applied to [0, 255] pixels, or None where the
+# keras.applications model carries its own preprocessing layers (include_preprocessing / built in):
+#   convnext_tiny:     Normalization with ImageNet mean/std (include_preprocessing=True)
+#   efficientnet_b3:   Rescaling(1/255) + Normalization with ImageNet mean/std (always built in)
+#   mobilenetv3_large: Rescaling(1/127.5, -1) -> [-1, 1] (include_preprocessing=True)
+INPUT_SCALING: dict[str, tuple[float, float] | None] = {
+    "resnetv2_lite": (1.0 / 255.0, 0.0),  # [0, 1], as the IDRiD system trained it
+    "resnet50v2": (1.0 / 127.5, -1.0),  # [-1, 1], what keras' resnet_v2.preprocess_input does
+    "convnext_tiny": None,
+    "efficientnet_b3": None,
+    "mobilenetv3_large": None,
+}
+
+
+def _pixels_in(name: str, image_size: int):
+    """Input ``[B, S, S, 3]`` in [0, 255] and the tensor the network body should see."""
+    pixels = keras.Input((image_size, image_size, 3), dtype="float32", name="pixels")
+    scaling = INPUT_SCALING[name]
+    if scaling is None:
+        return pixels, pixels
+    scale, offset = scaling
+    return pixels, layers.Rescaling(scale, offset, name="input_scaling")(pixels)
+
+
+def _load_weights_file(model: keras.Model, weights: str | None) -> keras.Model:
+    if weights == "imagenet":
+        raise ValueError(f"No ImageNet weights for {model.name!r}; pass None or a file path")
+    if weights is not None:
+        model.load_weights(weights)
+    return model
+
+
+# ----------------------------------------------------------------------------- resnetv2_lite
+
+
+def _preact_block(x, filters: int, name: str):
+    """Pre-activation residual block (He et al. 2016, "Identity mappings in deep ResNets").
+
+    BN-ReLU-conv3x3(stride 2)-BN-ReLU-conv3x3 plus a 1x1 stride-2 projection of the
+    pre-activated input: ``[B, H, W, C_in] -> [B, H/2, W/2, filters]``.
+    """
+    pre = layers.BatchNormalization(name=f"{name}_preact_bn")(x)
+    pre = layers.ReLU(name=f"{name}_preact_relu")(pre)
+    shortcut = layers.Conv2D(filters, 1, strides=2, name=f"{name}_proj")(pre)
+    y = layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name=f"{name}_conv1")(
+        pre
+    )
+    y = layers.BatchNormalization(name=f"{name}_bn1")(y)
+    y = layers.ReLU(name=f"{name}_relu1")(y)
+    y = layers.Conv2D(filters, 3, padding="same", name=f"{name}_conv2")(y)
+    return layers.Add(name=f"{name}_add")([shortcut, y])
+
+
+@register("resnetv2_lite")
+@gin.configurable
+def resnetv2_lite(
+    image_size: int,
+    weights: str | None = None,
+    stem_filters: int = 16,
+    widths: tuple[int, ...] = (16, 32, 64),
+) -> keras.Model:
+    """Small pre-activation ResNet of the IDRiD system: feature map ``[B, S/32, S/32, widths[-1]]``.
+
+    7x7/2 conv, BN, ReLU, 3x3/2 max-pool, one stride-2 pre-activation block per entry of
+    ``widths``, then BN + ReLU (a pre-activation net needs a final activation).
+    Spatial size S / 2**(2 + len(widths)), rounded up.
+    """
+    pixels, x = _pixels_in("resnetv2_lite", image_size)
+    x = layers.Conv2D(stem_filters, 7, strides=2, padding="same", use_bias=False, name="stem_conv")(
+        x
+    )
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.ReLU(name="stem_relu")(x)
+    x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
+    for i, width in enumerate(widths):
+        x = _preact_block(x, width, name=f"block{i + 1}")
+    x = layers.BatchNormalization(name="post_bn")(x)
+    x = layers.ReLU(name="post_relu")(x)
+    return _load_weights_file(keras.Model(pixels, x, name="backbone"), weights)
+
+
+# ----------------------------------------------------------------------------- keras.applications
+
+
+def _application(name: str, app_fn, image_size: int, weights: str | None, **kw) -> keras.Model:
+    """A keras.applications trunk, flat (no extra nesting), fed by ``_pixels_in``."""
+    pixels, x = _pixels_in(name, image_size)
+    return app_fn(
+        include_top=False,
+        weights=weights,
+        input_tensor=x,
+        input_shape=(image_size, image_size, 3),
+        name="backbone",
+        **kw,
+    )
+
+
+@register("resnet50v2")
+def resnet50v2(image_size: int, weights: str | None = None) -> keras.Model:
+    """ResNet50V2 (He et al. 2016): ``[B, S/32, S/32, 2048]``."""
+    return _application("resnet50v2", keras.applications.ResNet50V2, image_size, weights)
+
+
+@register("convnext_tiny")
+def convnext_tiny(image_size: int, weights: str | None = None) -> keras.Model:
+    """ConvNeXt-Tiny (Liu et al. 2022): ``[B, S/32, S/32, 768]``."""
+    return _application(
+        "convnext_tiny",
+        keras.applications.ConvNeXtTiny,
+        image_size,
+        weights,
+        include_preprocessing=True,
+    )
+
+
+@register("efficientnet_b3")
+def efficientnet_b3(image_size: int, weights: str | None = None) -> keras.Model:
+    """EfficientNet-B3 (Tan & Le 2019): ``[B, S/32, S/32, 1536]``; native size 300."""
+    return _application("efficientnet_b3", keras.applications.EfficientNetB3, image_size, weights)
+
+
+@register("mobilenetv3_large")
+def mobilenetv3_large(image_size: int, weights: str | None = None) -> keras.Model:
+    """MobileNetV3-Large (Howard et al. 2019): ``[B, S/32, S/32, 960]``."""
+    return _application(
+        "mobilenetv3_large",
+        keras.applications.MobileNetV3Large,
+        image_size,
+        weights,
+        include_preprocessing=True,
+        minimalistic=False,
+    )

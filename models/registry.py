@@ -1,0 +1,89 @@
+"""Backbones by name, and the task model built on top of one.
+
+    @register("my_net")
+    def my_net(image_size, weights=None): -> keras.Model named "backbone",
+        float32 [B, S, S, 3] pixels in [0, 255] -> last conv feature map [B, h, w, C]
+
+    model = build_model("convnext_tiny", "dr_grade", num_classes=5, image_size=384)
+
+The built-in backbones live in ``models/backbones.py`` and register on import.
+"""
+
+import importlib
+from collections.abc import Callable
+
+import gin
+import keras
+
+from models import heads
+
+_BACKBONES: dict[str, Callable[..., keras.Model]] = {}
+
+
+def register(name: str):
+    """Decorator: registers ``fn(image_size, weights=None, **kw) -> backbone`` under ``name``."""
+
+    def decorator(fn):
+        if name in _BACKBONES and _BACKBONES[name] is not fn:
+            raise ValueError(f"Backbone {name!r} is already registered")
+        _BACKBONES[name] = fn
+        return fn
+
+    return decorator
+
+
+def _load_builtins() -> None:
+    # Imported lazily: backbones.py imports `register` from here.
+    importlib.import_module("models.backbones")
+
+
+def list_models() -> list[str]:
+    """Sorted names of all registered backbones."""
+    _load_builtins()
+    return sorted(_BACKBONES)
+
+
+def get_backbone_fn(name: str) -> Callable[..., keras.Model]:
+    """The registered builder for ``name``; ValueError listing the known names otherwise."""
+    _load_builtins()
+    if name not in _BACKBONES:
+        raise ValueError(f"Unknown model {name!r}; known models: {sorted(_BACKBONES)}")
+    return _BACKBONES[name]
+
+
+@gin.configurable
+def build_model(
+    name: str,
+    task: str,
+    num_classes: int,
+    image_size: int,
+    weights: str | None = None,
+    dropout: float = 0.0,
+    head: str | None = None,
+    **kw,
+) -> keras.Model:
+    """Builds ``image -> backbone -> gap -> dropout -> logits`` (see docs/ARCHITECTURE.md).
+
+    Args:
+      name: a registered backbone (``list_models()``).
+      task: ``binary`` | ``multiclass`` | ``dr_grade`` | ``multilabel``.
+      num_classes: K classes (2 for binary), or C labels for multilabel.
+      image_size: S; the model input is float32 ``[B, S, S, 3]`` in [0, 255], named ``image``.
+      weights: None (random init), ``"imagenet"`` (keras.applications backbones), or a path to
+        a backbone weights file.
+      dropout: rate of the Dropout before the logits.
+      head: see ``models.heads``; None picks ``heads.default_head(task)``.
+      **kw: passed on to the backbone builder.
+
+    Returns:
+      A functional ``keras.Model`` with float32 logits ``[B, D]``,
+      ``D = heads.output_dim(task, num_classes, head)``, also under mixed precision.
+    """
+    head = heads.check_head(task, head)
+    logits_layer = heads.build_head(task, num_classes, head)  # validates num_classes early
+    backbone = get_backbone_fn(name)(image_size=image_size, weights=weights, **kw)
+    image = keras.Input((image_size, image_size, 3), dtype="float32", name="image")
+    x = backbone(image)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    return keras.Model(image, logits_layer(x), name=f"{name}_{task}_{head}")
