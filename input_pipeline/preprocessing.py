@@ -414,6 +414,8 @@ def _edge_points(gray: np.ndarray, circle: Circle) -> np.ndarray:
 
 def _refine(gray: np.ndarray, circle: Circle) -> Circle:
     """Circle fitted to the half-way rim points, or the coarse one if too few exist."""
+    if circle.r < 16:  # too few pixels in the profile windows to measure levels
+        return circle
     points = _edge_points(gray, circle)
     if len(points) < _RAYS // 8:
         return circle
