@@ -363,8 +363,8 @@ def test_ben_graham_constant_is_128_inside_95_percent_mask():
     out = pp.ben_graham(img, sigma=5)
     c = pp.centred_circle(100)  # centre 49.5, radius 50 -> mask radius 47.5
     assert out.dtype == np.uint8 and (out[50, 50] == 128).all()
-    assert (out[49, 49 + 47] == 128).all()   # 47.5 px from the centre: inside
-    assert (out[49, 2] == 0).all()           # 47.5 + ... : outside 95% of the radius
+    assert (out[49, 96] == 128).all()  # dx = 46.5, dy = 0.5: 46.50 px, inside
+    assert (out[49, 2] == 0).all()     # dx = 47.5, dy = 0.5: 47.503 px, just outside
     assert not out[0, 0].any()               # corner
     assert (out[pp.circle_mask((100, 100), c, 0.95)] == 128).all()
     unmasked = pp.ben_graham(img, sigma=5, mask_field=False)
