@@ -36,7 +36,8 @@ flags.DEFINE_integer("rounds", 4, "Alternations between the two decode modes.")
 flags.DEFINE_string("bench_dir", "bench_data", "Download / replica folder (git-ignored).")
 flags.DEFINE_string("mexico_dir", "../shared/data/mexico_fundus",
                     "Mexican fundus set (labels.csv, images/); skipped when absent.")
-flags.DEFINE_string("crop_out", "", "Optional PNG path: one Mexican image and its crop.")
+flags.DEFINE_string("crop_out", "", "Optional PNG path: an HRF photograph and the darkest "
+                    "Mexican image, each beside its fundus crop.")
 
 PACKAGE = "retinalysis-fundusprep==1.1.0"
 SDIST = "retinalysis_fundusprep-1.1.0.tar.gz"
@@ -122,38 +123,50 @@ def speed_table(files: list[str], image_size: int, rounds: int) -> pd.DataFrame:
     return table
 
 
-def mexico_success(mexico_dir: pathlib.Path, crop_out: str) -> None:
-    """Prints the share of the Mexican photographs where find_fundus finds a field."""
+def mexico_success(mexico_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Prints the share of the Mexican photographs where find_fundus finds a field;
+    returns the darkest one's path (or [] when the set is absent)."""
     labels = mexico_dir / "labels.csv"
     if not labels.is_file():
         print(f"\n{mexico_dir} absent: find_fundus success rate skipped")
-        return
+        return []
     paths = [mexico_dir / p for p in pd.read_csv(labels)["image"]]
-    found, failed, seconds = 0, [], 0.0
+    failed, seconds, darkest = [], 0.0, (256.0, paths[0])
     for path in paths:
         img = pp.read_image(path)
         t0 = time.perf_counter()
         circle = pp.find_fundus(img)
         seconds += time.perf_counter() - t0
-        found += circle is not None
         if circle is None:
             failed.append(path.name)
+        darkest = min(darkest, (float(img.mean()), path))
+    found = len(paths) - len(failed)
     print(f"\nfind_fundus on {mexico_dir}: {found}/{len(paths)} = {found / len(paths):.1%} "
           f"found, {1e3 * seconds / len(paths):.1f} ms/image (wall); failed: {failed[:10]}")
-    if crop_out:
-        save_crop_example(paths[0], crop_out)
+    return [darkest[1]]
 
 
-def save_crop_example(path: pathlib.Path, out: str) -> None:
-    """Writes [original with the found circle | 512 px crop] side by side as a PNG."""
-    img = pp.read_image(path)
-    circle = pp.find_fundus(img)
-    shown = img.copy()
-    cv2.circle(shown, (round(circle.cx), round(circle.cy)), round(circle.r), (0, 255, 0), 2)
-    crop = pp.resize(pp.crop_fundus(img, circle), img.shape[0])
-    both = np.concatenate([shown, crop], axis=1)
-    cv2.imwrite(out, cv2.cvtColor(both, cv2.COLOR_RGB2BGR))
-    print(f"crop example ({path.name}, circle {tuple(round(v, 1) for v in circle)}): {out}")
+def save_crop_examples(paths: list[pathlib.Path], out: str, height: int = 384) -> None:
+    """Writes one row per image: [original with the found circle | fundus crop], as PNG
+    (brightness stretched per image for viewing)."""
+    rows = []
+    for path in paths:
+        img = pp.read_image(path, height)
+        circle = pp.find_fundus(img)
+        # For viewing only: stretch dark captures so that the 99th percentile is white.
+        img = cv2.convertScaleAbs(img, alpha=255 / max(np.percentile(img, 99), 1))
+        shown = img.copy()
+        thickness = max(1, img.shape[0] // 150)
+        cv2.circle(shown, (round(circle.cx), round(circle.cy)), round(circle.r), (0, 255, 0),
+                   thickness)
+        shown = pp.resize(shown, (height, round(img.shape[1] * height / img.shape[0])))
+        rows.append(np.concatenate([shown, pp.resize(pp.crop_fundus(img, circle), height)], 1))
+        print(f"crop example {path.name}: circle {tuple(round(v, 1) for v in circle)} "
+              f"in a {img.shape[1]}x{img.shape[0]} decode")
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+    cv2.imwrite(out, cv2.cvtColor(np.concatenate(rows, 0), cv2.COLOR_RGB2BGR))
+    print(f"crop examples written to {out}")
 
 
 def main(argv) -> None:
@@ -171,7 +184,9 @@ def main(argv) -> None:
     print(f"reduced decode uses DCT scale 1/{table.attrs['decode_scale']}; "
           f"target >= 30 img/s per core: "
           f"{'met' if table.loc['reduced decode', 'img/s (CPU)'] >= 30 else 'NOT met'}")
-    mexico_success(pathlib.Path(FLAGS.mexico_dir), FLAGS.crop_out)
+    examples = photos[:1] + mexico_success(pathlib.Path(FLAGS.mexico_dir))
+    if FLAGS.crop_out:
+        save_crop_examples(examples, FLAGS.crop_out)
 
 
 if __name__ == "__main__":
