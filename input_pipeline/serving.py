@@ -1,0 +1,495 @@
+"""TensorFlow-graph pre-processing for the export signature (raw photograph -> model pixels).
+
+At serving time images arrive as raw photographs, not as `prepare`'s output, so
+the exported graph repeats what `prepare` (numpy/OpenCV, `preprocessing.py`)
+and `pipeline.preprocess_image` did, with TF ops only:
+
+    decode -> fundus crop (pad to square) -> area resize to the dataset's
+    image_size -> round to uint8 -> [Ben Graham] -> pipeline.preprocess_image
+
+Every step is a pure function of tensors, traceable inside `tf.function`,
+`Dataset.map` and a SavedModel signature.
+
+CLAHE has no TensorFlow op. A dataset prepared with CLAHE cannot be served by
+this graph; `ServingConfig.from_dataset_info` refuses it with a clear message
+(the client would have to apply CLAHE itself and call the tensor signature).
+"""
+
+import dataclasses
+import math
+
+import tensorflow as tf
+
+from input_pipeline import pipeline
+
+# Field detection mirrors `preprocessing.find_fundus` (numpy/OpenCV), with TF ops:
+# on a copy whose long side is at most DETECT_MAX_SIDE, the max over channels
+# is median-filtered, thresholded just above the black border's noise, and a circle is
+# fitted (Kasa least squares, robustly re-weighted) to the left/right-most
+# and top/bottom-most foreground pixels of every row/column, leaving out
+# pixels on the frame (where the frame, not the field, clips it).
+DETECT_MAX_SIDE = 512
+MIN_FIELD_FRACTION = 0.1  # smallest plausible field area / image area
+_FIT_ITERATIONS = 4
+_MIN_POINTS = 8
+# Below this share of outline points on the fitted circle, the threshold
+# probably caught a grey letterbox or frame around the field, not a circle.
+_MIN_INLIERS = 0.25
+# Rim refinement along radial profiles, in units of the coarse radius.
+_RAYS = 360
+_INNER, _SEARCH, _OUTER = (0.80, 0.92), (0.92, 1.08), (1.08, 1.20)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingConfig:
+    """What the serving graph must reproduce (from dataset.json plus the model)."""
+
+    dataset_image_size: int  # prepare's square output size (dataset.json "image_size")
+    model_image_size: int  # the model's input size S
+    crop: str = "fundus"  # "fundus" | "none"
+    ben_graham: bool = False
+    ben_graham_sigma: float = 10.0  # at 512 px; scaled with dataset_image_size
+    reduced_decode: bool = True  # JPEG DCT-domain downscale, as prepare does
+
+    @classmethod
+    def from_dataset_info(cls, dataset_info: dict, model_image_size: int) -> "ServingConfig":
+        """Builds the config from dataset.json; raises ValueError for CLAHE datasets."""
+        pp = dataset_info.get("preprocessing", {}) or {}
+        if pp.get("clahe"):
+            raise ValueError(
+                f"The dataset was prepared with CLAHE ({pp['clahe']!r}), which has no "
+                "TensorFlow op, so the export signature cannot reproduce it. Re-prepare "
+                "the dataset without CLAHE, or apply CLAHE on the client and use the "
+                "tensor-input model (--format=onnx).")
+        crop = pp.get("crop", "fundus") or "none"
+        if crop not in ("fundus", "none"):
+            raise ValueError(f"Unknown crop {crop!r} in dataset.json; expected 'fundus' or 'none'")
+        return cls(dataset_image_size=int(dataset_info.get("image_size", model_image_size)),
+                   model_image_size=int(model_image_size), crop=crop,
+                   ben_graham=bool(pp.get("ben_graham", False)),
+                   ben_graham_sigma=float(pp.get("ben_graham_sigma", 10.0)),
+                   reduced_decode=bool(pp.get("reduced_decode", True)))
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _jpeg_ratio_index(image_bytes: tf.Tensor, target_size: int) -> tf.Tensor:
+    """Index into (1, 2, 4, 8) of the largest DCT scale keeping the short side >= target."""
+    shape = tf.image.extract_jpeg_shape(image_bytes)
+    short = tf.cast(tf.minimum(shape[0], shape[1]), tf.float32)
+    fits = [tf.math.ceil(short / r) >= target_size for r in (2.0, 4.0, 8.0)]
+    return tf.reduce_sum(tf.cast(tf.stack(fits), tf.int32))  # fits is monotone: 1,1,0 -> 2
+
+
+def decode(image_bytes: tf.Tensor, target_size: int | None = None) -> tf.Tensor:
+    """Decodes one JPEG / PNG / BMP / GIF (first frame) string to uint8 RGB [H, W, 3].
+
+    With `target_size`, a JPEG is decoded at the largest scale 1/2, 1/4 or 1/8
+    whose shorter side stays >= target_size (libjpeg skips most of the work),
+    like `preprocessing.read_image`. Accurate integer IDCT, as OpenCV uses.
+    """
+    def full():
+        # expand_animations=False gives a static rank 3; without it tracing fails.
+        return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+
+    if target_size is None:
+        image = full()
+    else:
+        def jpeg():
+            branches = [lambda r=r: tf.io.decode_jpeg(image_bytes, channels=3, ratio=r,
+                                                      dct_method="INTEGER_ACCURATE")
+                        for r in (1, 2, 4, 8)]
+            return tf.switch_case(_jpeg_ratio_index(image_bytes, target_size), branches)
+        image = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, full)
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+# --------------------------------------------------------------------------- field detection
+
+
+def _round_uint8(x: tf.Tensor) -> tf.Tensor:
+    """float -> uint8 with rounding and saturation (OpenCV's saturate_cast)."""
+    return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
+
+
+def _percentile(x: tf.Tensor, q: float) -> tf.Tensor:
+    """The q-th percentile of a float32 tensor, linear interpolation (numpy's default)."""
+    flat = tf.sort(tf.reshape(x, [-1]))
+    pos = q / 100.0 * tf.cast(tf.size(flat) - 1, tf.float32)
+    lo = tf.cast(tf.floor(pos), tf.int32)
+    hi = tf.minimum(lo + 1, tf.size(flat) - 1)
+    frac = pos - tf.floor(pos)
+    return flat[lo] + frac * (flat[hi] - flat[lo])
+
+
+def _detection_image(image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Median-filtered max-channel float32 [h, w] (long side <= DETECT_MAX_SIDE), and scale."""
+    shape = tf.shape(image)
+    hw = tf.cast(shape[:2], tf.float32)
+    scale = tf.minimum(1.0, DETECT_MAX_SIDE / tf.reduce_max(hw))
+    small_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), 1)
+    small = tf.cond(scale < 1.0,
+                    lambda: tf.cast(_round_uint8(tf.image.resize(image, small_hw, "area")),
+                                    tf.float32),
+                    lambda: tf.cast(image, tf.float32))
+    # Max over channels: the field is bright in some channel even when under-exposed.
+    return median_blur(tf.reduce_max(small, axis=-1), 5), scale
+
+
+def _replicate_pad(x: tf.Tensor, pad: int) -> tf.Tensor:
+    """Pads [H, W] by repeating the edge pixels (OpenCV's BORDER_REPLICATE)."""
+    for axis in (0, 1):
+        n = tf.shape(x)[axis]
+        idx = tf.clip_by_value(tf.range(-pad, n + pad), 0, n - 1)
+        x = tf.gather(x, idx, axis=axis)
+    return x
+
+
+def median_blur(gray: tf.Tensor, size: int) -> tf.Tensor:
+    """Median over size x size windows of float32 [H, W], edges replicated (cv2.medianBlur).
+
+    A median removes sensor and JPEG noise without moving the rim outwards.
+    """
+    x = _replicate_pad(gray, size // 2)[None, :, :, None]
+    patches = tf.image.extract_patches(x, [1, size, size, 1], [1, 1, 1, 1], [1, 1, 1, 1],
+                                       "VALID")[0]
+    return tf.math.top_k(patches, k=size * size // 2 + 1, sorted=True).values[..., -1]
+
+
+def field_mask(gray: tf.Tensor) -> tf.Tensor:
+    """bool [h, w]: pixels of float32 [h, w] gray (integer levels) above the black border.
+
+    As `preprocessing.field_mask`: the border level is the histogram mode below
+    the 10th percentile, its noise the spread of the pixels below that mode,
+    and the threshold sits just above it (dark fields are only a few grey
+    levels above a black border, so a fraction of the brightness would lose them).
+    """
+    levels = tf.cast(gray, tf.int32)
+    hist = tf.cast(tf.math.bincount(levels, minlength=256, maxlength=256), tf.float64)
+    p10 = tf.cast(tf.floor(_percentile(gray, 10.0)), tf.int32)
+    bg = tf.cast(tf.argmax(hist[:p10 + 1]), tf.int32)
+    below = hist[:bg + 1]
+    offsets = tf.cast(tf.range(bg + 1) - bg, tf.float64)
+    sigma = tf.sqrt(tf.reduce_sum(below * offsets ** 2) / tf.reduce_sum(below))
+    threshold = tf.cast(bg, tf.float64) + tf.maximum(4.0 * sigma, 2.5)
+    return tf.cast(gray, tf.float64) > threshold
+
+
+def _extremes(mask: tf.Tensor, axis: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """First and last foreground index along `axis` of bool [h, w], and whether any."""
+    m = tf.cast(mask, tf.int32)
+    n = tf.shape(m)[axis]
+    first = tf.cast(tf.argmax(m, axis=axis), tf.int32)  # argmax returns the first maximum
+    last = n - 1 - tf.cast(tf.argmax(tf.reverse(m, [axis]), axis=axis), tf.int32)
+    return first, last, tf.reduce_any(mask, axis=axis)
+
+
+def _boundary_points(mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Outline of the foreground: every pixel's (x, y), float64 [h * w, 2], and bool [h * w].
+
+    A pixel is on the outline when it is foreground with a background
+    4-neighbour (the pixels `cv2.findContours` traces); pixels within 1 px of
+    the frame are left out. Fixed-size points with a validity flag keep the
+    fit in static shapes.
+    """
+    h, w = tf.shape(mask)[0], tf.shape(mask)[1]
+    m = tf.pad(tf.cast(mask, tf.int32), [[1, 1], [1, 1]])
+    eroded = tf.reduce_min(tf.stack([m[1:-1, 1:-1], m[:-2, 1:-1], m[2:, 1:-1],
+                                     m[1:-1, :-2], m[1:-1, 2:]]), axis=0)
+    outline = mask & (eroded == 0)
+    yy, xx = tf.meshgrid(tf.range(h), tf.range(w), indexing="ij")
+    outline &= (xx > 1) & (xx < w - 2) & (yy > 1) & (yy < h - 2)
+    points = tf.cast(tf.stack([tf.reshape(xx, [-1]), tf.reshape(yy, [-1])], 1), tf.float64)
+    return points, tf.reshape(outline, [-1])
+
+
+def _fit_circle(points: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+    """Weighted Kasa circle fit: float64 [N, 2] points, [N] 0/1 weights -> [3] (cx, cy, r)."""
+    x, y = points[:, 0], points[:, 1]
+    a = tf.stack([x, y, tf.ones_like(x)], 1)
+    aw = a * weights[:, None]
+    lhs = tf.matmul(aw, a, transpose_a=True)
+    rhs = tf.matmul(aw, (x * x + y * y)[:, None], transpose_a=True)
+    # A tiny ridge keeps the solve defined when too few points are left (the
+    # caller then rejects the circle); it does not move a well-posed fit.
+    lhs += 1e-9 * (tf.linalg.trace(lhs) + 1.0) * tf.eye(3, dtype=tf.float64)
+    p = tf.linalg.solve(lhs, rhs)[:, 0]
+    cx, cy = p[0] / 2, p[1] / 2
+    return tf.stack([cx, cy, tf.sqrt(tf.maximum(p[2] + cx * cx + cy * cy, 0.0))])
+
+
+def _robust_circle(points: tf.Tensor, valid: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Circle fit dropping points well inside it, then also well outside (notches).
+
+    Args:
+        points: float64 [N, 2] (x, y); valid: bool [N], the points that exist.
+    Returns:
+        (float64 [3] circle, float64 inlier fraction among the valid points);
+        the fraction is 0 when fewer than 8 points were left in some round.
+    """
+    keep, ok = valid, tf.constant(True)
+    circle = tf.zeros([3], tf.float64)
+    for i in range(_FIT_ITERATIONS):
+        ok &= tf.reduce_sum(tf.cast(keep, tf.int32)) >= _MIN_POINTS
+        circle = _fit_circle(points, tf.cast(keep, tf.float64))
+        dist, tol = _residuals(points, circle)
+        keep = valid & (dist > -tol)
+        if i >= 1:
+            keep &= dist < 3 * tol
+    dist, tol = _residuals(points, circle)
+    inliers = tf.reduce_sum(tf.cast(valid & (tf.abs(dist) < tol), tf.float64))
+    fraction = inliers / tf.maximum(tf.reduce_sum(tf.cast(valid, tf.float64)), 1.0)
+    return circle, tf.where(ok, fraction, tf.zeros_like(fraction))
+
+
+def _residuals(points: tf.Tensor, circle: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Signed distances [N] to the circle (negative inside) and the inlier tolerance."""
+    dist = tf.norm(points - circle[None, :2], axis=1) - circle[2]
+    return dist, tf.maximum(0.01 * circle[2], 1.5)
+
+
+def _plausible(circle: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """Centre inside the frame, radius < long side, disc covers >= MIN_FIELD_FRACTION."""
+    h, w = tf.shape(mask)[0], tf.shape(mask)[1]
+    hf, wf = tf.cast(h, tf.float64), tf.cast(w, tf.float64)
+    cx, cy, r = circle[0], circle[1], circle[2]
+    inside = (cx >= 0) & (cx < wf) & (cy >= 0) & (cy < hf) & (r < tf.maximum(hf, wf))
+    yy = tf.cast(tf.range(h), tf.float64)[:, None]
+    xx = tf.cast(tf.range(w), tf.float64)[None, :]
+    disc = tf.reduce_sum(tf.cast((xx - tf.round(cx)) ** 2 + (yy - tf.round(cy)) ** 2
+                                 <= tf.round(r) ** 2, tf.float64))
+    min_area = MIN_FIELD_FRACTION * hf * wf
+    blob = tf.reduce_sum(tf.cast(mask, tf.float64))
+    return inside & (disc >= min_area) & (blob >= min_area)
+
+
+def _box_circle(mask: tf.Tensor) -> tf.Tensor:
+    """Fallback "circle" (float64 [3]) whose bounding square holds the foreground's box.
+
+    The whole frame when nothing is foreground.
+    """
+    h, w = tf.shape(mask)[0], tf.shape(mask)[1]
+    left, right, row_any = _extremes(mask, axis=1)
+    top, bottom, col_any = _extremes(mask, axis=0)
+    found = tf.reduce_any(row_any)
+    x0 = tf.where(found, tf.reduce_min(tf.where(row_any, left, w)), 0)
+    x1 = tf.where(found, tf.reduce_max(tf.where(row_any, right, -1)), w - 1)
+    y0 = tf.where(found, tf.reduce_min(tf.where(col_any, top, h)), 0)
+    y1 = tf.where(found, tf.reduce_max(tf.where(col_any, bottom, -1)), h - 1)
+    box = tf.cast(tf.stack([x0, y0, x1, y1]), tf.float64)
+    side = tf.maximum(box[2] - box[0], box[3] - box[1]) + 1
+    return tf.stack([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2, side / 2])
+
+
+def _sample_bilinear(gray: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    """Bilinear samples of float32 [h, w] at float32 x, y (any equal shape); 0 outside."""
+    h, w = tf.shape(gray)[0], tf.shape(gray)[1]
+    x0, y0 = tf.floor(x), tf.floor(y)
+    fx, fy = x - x0, y - y0
+    x0, y0 = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
+
+    def at(yi, xi):
+        inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+        idx = tf.stack([tf.clip_by_value(yi, 0, h - 1), tf.clip_by_value(xi, 0, w - 1)], -1)
+        return tf.where(inside, tf.gather_nd(gray, idx), 0.0)
+
+    top = at(y0, x0) * (1 - fx) + at(y0, x0 + 1) * fx
+    bottom = at(y0 + 1, x0) * (1 - fx) + at(y0 + 1, x0 + 1) * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _median(x: tf.Tensor) -> tf.Tensor:
+    """Median along the last axis (mean of the two middle values for even counts)."""
+    n = tf.shape(x)[-1]
+    s = tf.sort(x, axis=-1)
+    return (tf.gather(s, (n - 1) // 2, axis=-1) + tf.gather(s, n // 2, axis=-1)) / 2
+
+
+def _edge_points(gray: tf.Tensor, circle: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Sub-pixel rim points float64 [RAYS, 2] and bool [RAYS] validity.
+
+    As `preprocessing._edge_points`: on each ray from the coarse centre, where
+    the brightness crosses half-way between the field just inside the rim and
+    the border just outside it (immune to JPEG ringing and blur at the rim).
+    Rays whose rim zone leaves the frame, or without contrast, give no point.
+    """
+    h, w = tf.cast(tf.shape(gray)[0], tf.float32), tf.cast(tf.shape(gray)[1], tf.float32)
+    c = tf.cast(circle, tf.float32)
+    cx, cy, r = c[0], c[1], c[2]
+    radii = tf.range(_INNER[0] * r, _OUTER[1] * r, 1.0)
+    angles = tf.range(_RAYS, dtype=tf.float32) * (2 * math.pi / _RAYS)
+    map_x = cx + tf.cos(angles)[:, None] * radii[None, :]
+    map_y = cy + tf.sin(angles)[:, None] * radii[None, :]
+    profiles = _sample_bilinear(gray, map_x, map_y)
+    outside = (map_x < 0) | (map_x > w - 1) | (map_y < 0) | (map_y > h - 1)
+    profiles = tf.where(outside, -1.0, profiles)
+    rel = radii / r
+
+    def zone(lo, hi):
+        return tf.boolean_mask(profiles, (rel >= lo) & (rel < hi), axis=1)
+
+    inner = _median(zone(*_INNER))
+    outer_zone = zone(_OUTER[0], math.inf)
+    outer = _median(outer_zone)
+    level = (inner + outer) / 2
+    search = zone(*_SEARCH)
+    ok = ((inner - outer >= 2.0) & (tf.reduce_min(outer_zone, 1) >= 0)
+          & (tf.reduce_min(search, 1) >= 0))
+    below = search <= level[:, None]
+    j = tf.cast(tf.argmax(tf.cast(below, tf.int32), axis=1), tf.int32)  # first at/below
+    ok &= tf.reduce_any(below, 1) & (j > 0)
+    jm1 = tf.maximum(j - 1, 0)
+    before = tf.gather(search, jm1, batch_dims=1)
+    after = tf.gather(search, j, batch_dims=1)
+    frac = (before - level) / tf.maximum(before - after, 1e-6)
+    first = tf.cast(tf.argmax(tf.cast(rel >= _SEARCH[0], tf.int32)), tf.int32)
+    rho = tf.gather(radii, first + jm1) + frac
+    points = tf.stack([cx + rho * tf.cos(angles), cy + rho * tf.sin(angles)], 1)
+    return tf.cast(points, tf.float64), ok
+
+
+def _refine(gray: tf.Tensor, circle: tf.Tensor) -> tf.Tensor:
+    """Circle fitted to the half-way rim points, or the coarse one when that fit is poor."""
+    points, valid = _edge_points(gray, circle)
+    fit, inliers = _robust_circle(points, valid)
+    good = ((tf.reduce_sum(tf.cast(valid, tf.int32)) >= _RAYS // 8)
+            & (inliers >= _MIN_INLIERS) & (tf.abs(fit[2] - circle[2]) <= 0.1 * circle[2]))
+    return tf.where(good, fit, circle)
+
+
+def find_fundus(image: tf.Tensor) -> tf.Tensor:
+    """Circle of the camera's field of view in a uint8 RGB [H, W, 3] photograph.
+
+    Returns:
+        float64 [3]: (cx, cy, r) in pixels of `image` (x = column). Where
+        `preprocessing.find_fundus` gives up (no plausible circle; prepare
+        rejects such images), this falls back to the bounding square of the
+        foreground, or of the whole frame, so serving always answers. Not
+        mirrored: numpy's second try with an Otsu threshold when few outline
+        points lie on the circle (a grey letterbox around the field); here that
+        case falls back to the bounding square too.
+    """
+    gray, scale = _detection_image(image)
+    mask = field_mask(gray)
+    points, valid = _boundary_points(mask)
+    circle, inliers = _robust_circle(points, valid)
+    ok = (inliers >= _MIN_INLIERS) & _plausible(circle, mask)
+    # The refinement runs on the fallback too (harmless: it keeps it if rim points are poor).
+    circle = tf.where(ok, circle, _box_circle(mask))
+    circle = tf.cond(ok, lambda: _refine(gray, circle), lambda: circle)
+    return circle / tf.cast(scale, tf.float64)
+
+
+def crop_fundus(image: tf.Tensor, circle: tf.Tensor | None = None) -> tf.Tensor:
+    """Crops the bounding square of the field, zero-padded outside the image.
+
+    Args:
+        image: uint8 RGB [H, W, 3].
+        circle: float64 [3] (cx, cy, r); found with `find_fundus` when None.
+    Returns:
+        uint8 [D, D, 3], D = round(2 r), the circle centred (as `preprocessing.crop_fundus`).
+    """
+    if circle is None:
+        circle = find_fundus(image)
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    side = tf.maximum(tf.cast(tf.round(2 * circle[2]), tf.int32), 1)
+    half = tf.cast(side, tf.float64) / 2
+    x0 = tf.cast(tf.round(circle[0] - half), tf.int32)
+    y0 = tf.cast(tf.round(circle[1] - half), tf.int32)
+    pad_top, pad_left = tf.maximum(-y0, 0), tf.maximum(-x0, 0)
+    pad_bottom = tf.maximum(y0 + side - h, 0)
+    pad_right = tf.maximum(x0 + side - w, 0)
+    padded = tf.pad(image, [[pad_top, pad_bottom], [pad_left, pad_right], [0, 0]])
+    return tf.slice(padded, [y0 + pad_top, x0 + pad_left, 0], [side, side, 3])
+
+
+def resize(image: tf.Tensor, size: int) -> tf.Tensor:
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]: area average down, bicubic up.
+
+    As `preprocessing.resize` (INTER_AREA / INTER_CUBIC), rounded into uint8.
+    """
+    shape = tf.shape(image)
+    down = (shape[0] >= size) & (shape[1] >= size)
+    out = tf.cond(down, lambda: tf.image.resize(image, [size, size], method="area"),
+                  lambda: tf.image.resize(image, [size, size], method="bicubic"))
+    return _round_uint8(out)
+
+
+def gaussian_kernel(sigma: float) -> tf.Tensor:
+    """1-D Gaussian, float32 [K], K = round(6 sigma + 1) forced odd (OpenCV's uint8 rule)."""
+    size = int(round(sigma * 6 + 1)) | 1
+    x = tf.range(size, dtype=tf.float32) - (size - 1) / 2
+    k = tf.exp(-0.5 * tf.square(x / sigma))
+    return k / tf.reduce_sum(k)
+
+
+def gaussian_blur(image: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+    """Separable blur of float32 [H, W, C] with a 1-D kernel [K] via depthwise convolutions.
+
+    Borders reflect without repeating the edge pixel (OpenCV's BORDER_REFLECT_101),
+    so H and W must exceed K // 2.
+    """
+    channels = image.shape[-1]
+    pad = (int(kernel.shape[0]) - 1) // 2
+    x = tf.pad(image[None], [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+    kv = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
+    kh = tf.reshape(kv, [1, -1, channels, 1])
+    x = tf.nn.depthwise_conv2d(x, kv, [1, 1, 1, 1], "VALID")
+    x = tf.nn.depthwise_conv2d(x, kh, [1, 1, 1, 1], "VALID")
+    return x[0]
+
+
+def ben_graham(image: tf.Tensor, sigma: float, mask_field: bool = True) -> tf.Tensor:
+    """Ben Graham's local average colour subtraction on uint8 [S, S, 3].
+
+    out = clip(4 img - 4 GaussianBlur(img, sigma) + 128), then black outside 95%
+    of the inscribed circle's radius when `mask_field` (fundus-cropped images),
+    as `preprocessing.ben_graham`. Returns uint8 [S, S, 3].
+    """
+    x = tf.cast(image, tf.float32)
+    # OpenCV blurs uint8 into uint8, so the blur is rounded before the subtraction.
+    blur = tf.round(gaussian_blur(x, gaussian_kernel(sigma)))
+    out = _round_uint8(4.0 * x - 4.0 * blur + 128.0)
+    if not mask_field:
+        return out
+    size = int(image.shape[0])
+    c = (size - 1) / 2
+    yy = tf.range(size, dtype=tf.float32)[:, None]
+    xx = tf.range(size, dtype=tf.float32)[None, :]
+    inside = (xx - c) ** 2 + (yy - c) ** 2 <= (0.95 * size / 2) ** 2
+    return tf.where(inside[..., None], out, tf.zeros_like(out))
+
+
+def prepare_image(image: tf.Tensor, config: ServingConfig) -> tf.Tensor:
+    """What `prepare` does to a decoded photograph: uint8 [H, W, 3] -> uint8 [D, D, 3].
+
+    D = config.dataset_image_size. crop="none" resizes the whole frame, as prepare.
+    """
+    if config.crop == "fundus":
+        image = crop_fundus(image)
+    image = resize(image, config.dataset_image_size)
+    image = tf.ensure_shape(image, [config.dataset_image_size, config.dataset_image_size, 3])
+    if config.ben_graham:
+        sigma = config.ben_graham_sigma * config.dataset_image_size / 512
+        image = ben_graham(image, sigma, mask_field=config.crop == "fundus")
+    return image
+
+
+def preprocess_bytes(image_bytes: tf.Tensor, config: ServingConfig) -> tf.Tensor:
+    """One encoded image (tf.string []) -> float32 [S, S, 3] in [0, 255], S = model size."""
+    target = config.dataset_image_size if config.reduced_decode else None
+    image = prepare_image(decode(image_bytes, target), config)
+    image = pipeline.preprocess_image(image, config.model_image_size)
+    s = config.model_image_size
+    return tf.ensure_shape(tf.cast(image, tf.float32), [s, s, 3])
+
+
+def preprocess_batch(image_bytes: tf.Tensor, config: ServingConfig) -> tf.Tensor:
+    """A batch of encoded images (tf.string [B]) -> float32 [B, S, S, 3] in [0, 255]."""
+    s = config.model_image_size
+    return tf.map_fn(lambda b: preprocess_bytes(b, config), image_bytes,
+                     fn_output_signature=tf.TensorSpec([s, s, 3], tf.float32))

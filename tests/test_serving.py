@@ -1,0 +1,103 @@
+"""input_pipeline.serving: the TF-graph twin of prepare's crop/resize/Ben Graham."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from input_pipeline import preprocessing, serving
+from tests.serving_helpers import encode, synthetic_fundus
+
+SIZE = 128
+
+# name -> (height, width, radius, centre, brightness). Centres sit off the
+# half-pixel grid: a crop corner exactly at x.5 rounds either way, and a 1 px
+# shift of a noisy synthetic texture alone costs ~2 grey levels.
+CASES = {
+    "square": (300, 300, 135, (148.3, 151.2), 1.0),
+    "wide_3x2": (300, 450, 140, (230.2, 149.7), 1.0),
+    "clipped_by_frame": (260, 390, 150, (193.7, 129.2), 1.0),
+    "dark": (300, 450, 135, (224.2, 149.1), 0.15),
+}
+
+
+def _numpy_path(tmp_path, data: bytes, suffix: str, **config):
+    """prepare's output (uint8 [S, S, 3]) and its circle, from a file of `data`."""
+    path = tmp_path / f"img{suffix}"
+    path.write_bytes(data)
+    out, info = preprocessing.process_image(str(path), preprocessing.PreprocessConfig(
+        image_size=SIZE, **config))
+    return out, info["circle"]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_prepare_image_matches_numpy_path(tmp_path, name, suffix):
+    h, w, r, centre, brightness = CASES[name]
+    data = encode(synthetic_fundus(h, w, radius=r, centre=centre, brightness=brightness),
+                  suffix)
+    want, circle = _numpy_path(tmp_path, data, suffix)
+    image = serving.decode(tf.constant(data), SIZE)
+    scale = h / image.shape[0]  # JPEGs decode at 1/2 here, as prepare decodes them
+    got_circle = serving.find_fundus(image).numpy() * scale
+    np.testing.assert_allclose(got_circle, circle, atol=2.0)  # crop box within 2 px
+    config = serving.ServingConfig(dataset_image_size=SIZE, model_image_size=SIZE)
+    got = serving.prepare_image(image, config).numpy()
+    assert got.shape == want.shape == (SIZE, SIZE, 3) and got.dtype == np.uint8
+    assert np.abs(got.astype(float) - want).mean() < 3.0
+
+
+def test_ben_graham_matches_numpy_path(tmp_path):
+    data = encode(synthetic_fundus(300, 450, radius=140), ".png")
+    want, _ = _numpy_path(tmp_path, data, ".png", ben_graham=True)
+    config = serving.ServingConfig(dataset_image_size=SIZE, model_image_size=SIZE,
+                                   ben_graham=True)
+    got = serving.prepare_image(serving.decode(tf.constant(data), SIZE), config).numpy()
+    # Ben Graham multiplies differences by 4, and a fraction of a pixel of crop
+    # difference moves every vessel edge, hence a wider bound than without it.
+    assert np.abs(got.astype(float) - want).mean() < 8.0
+    assert (got[0, 0] == 0).all() and abs(float(np.median(got[SIZE // 2])) - 128) < 30
+
+
+def test_gaussian_blur_matches_opencv():
+    import cv2
+
+    img = np.random.default_rng(0).integers(0, 256, (40, 50, 3)).astype(np.float32)
+    want = cv2.GaussianBlur(img, (0, 0), 2.0)
+    got = serving.gaussian_blur(tf.constant(img), serving.gaussian_kernel(2.0)).numpy()
+    # OpenCV's float path uses 8 sigma + 1 taps; ours 6 sigma + 1 (its uint8 rule).
+    np.testing.assert_allclose(got, want, atol=0.5)
+
+
+def test_large_jpeg_uses_reduced_decode():
+    data = encode(synthetic_fundus(1040, 1560, radius=500), ".jpg")
+    image = serving.decode(tf.constant(data), 256)
+    assert image.shape == (260, 390, 3)  # 1/4 scale keeps the short side >= 256
+    assert serving.decode(tf.constant(data)).shape == (1040, 1560, 3)
+
+
+def test_black_image_falls_back_to_whole_frame():
+    image = tf.zeros([60, 90, 3], tf.uint8)
+    cx, cy, r = serving.find_fundus(image).numpy()
+    assert (cx, cy) == pytest.approx((44.5, 29.5)) and r == pytest.approx(45.0)
+    assert serving.crop_fundus(image).shape == (90, 90, 3)
+
+
+def test_batch_in_dataset_map_equals_eager():
+    imgs = [synthetic_fundus(200, 300, radius=95, seed=i) for i in range(2)]
+    batch = tf.constant([encode(imgs[0], ".png"), encode(imgs[1], ".jpg")])
+    config = serving.ServingConfig(dataset_image_size=96, model_image_size=64)
+    eager = serving.preprocess_batch(batch, config).numpy()
+    mapped = next(iter(tf.data.Dataset.from_tensors(batch).map(
+        lambda b: serving.preprocess_batch(b, config)))).numpy()
+    assert eager.shape == (2, 64, 64, 3) and eager.dtype == np.float32
+    assert 0 <= eager.min() and eager.max() <= 255
+    np.testing.assert_allclose(mapped, eager, atol=1e-3)
+
+
+def test_clahe_dataset_is_refused():
+    info = {"image_size": 256, "preprocessing": {"crop": "fundus", "clahe": "green"}}
+    with pytest.raises(ValueError, match="CLAHE"):
+        serving.ServingConfig.from_dataset_info(info, 224)
+    config = serving.ServingConfig.from_dataset_info(
+        {"image_size": 256, "preprocessing": {"crop": "none", "ben_graham": True}}, 224)
+    assert (config.crop, config.ben_graham, config.dataset_image_size) == ("none", True, 256)
