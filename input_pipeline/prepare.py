@@ -39,6 +39,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import threading
 import time
 
 import numpy as np
@@ -382,21 +383,42 @@ def _encode_row(task: tuple[int, str]) -> tuple[int, bytes | None, str | None, d
 
 
 class _Encoder:
-    """Ordered stream of encoded rows, from a spawn pool or in-process."""
+    """Ordered stream of encoded rows, from a spawn pool or in-process.
 
-    def __init__(self, cfg: PrepareConfig, tasks):
+    Pool.imap has no back-pressure: it would queue every task at once and buffer
+    every finished result behind one slow image. A semaphore bounds the rows in
+    flight (taken when a task is handed out, given back when its result is read),
+    so memory does not grow with the dataset.
+    """
+
+    CHUNKSIZE = 4
+
+    def __init__(self, cfg: PrepareConfig, tasks: list):
         config = preprocess_config(cfg)
         self.pool = None
         if cfg.workers > 1:
+            self.in_flight = threading.Semaphore(cfg.workers * self.CHUNKSIZE * 4)
             ctx = multiprocessing.get_context("spawn")
             self.pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(config,))
-            self.results = self.pool.imap(_encode_row, tasks, chunksize=4)
+            self.results = self._released(
+                    self.pool.imap(_encode_row, self._bounded(tasks), self.CHUNKSIZE))
         else:
             _init_worker(config)
             self.results = map(_encode_row, tasks)
 
+    def _bounded(self, tasks):
+        for task in tasks:
+            self.in_flight.acquire()
+            yield task
+
+    def _released(self, results):
+        for result in results:
+            self.in_flight.release()
+            yield result
+
     def close(self):
         if self.pool is not None:
+            self.in_flight.release(1 << 20)  # unblock the task feeder so terminate can join it
             self.pool.terminate()
             self.pool.join()
 
@@ -526,8 +548,8 @@ def write_shards(cfg: PrepareConfig, plan: Plan) -> dict[str, dict]:
     try:
         with tqdm(total=total, unit="img", desc="prepare", smoothing=0.05) as progress:
             for done, shard in enumerate(pending):
-                states[shard.name] = _write_shard(cfg, plan, shard, encoder.results, progress,
-                                                  done)
+                state = _write_shard(cfg, plan, shard, encoder.results, progress, done)
+                states[shard.name] = {**state, "this_run": True}
     finally:
         encoder.close()
     return states
@@ -547,7 +569,7 @@ def _rejections(plan: Plan, states: dict[str, dict]) -> list[tuple[int, str, str
 
 
 def summarize(cfg: PrepareConfig, source: sources.Source, plan: Plan,
-              states: dict[str, dict], seconds: float) -> dict:
+              states: dict[str, dict], seconds: float, write_seconds: float) -> dict:
     """The dataset.json record; asserts rows read = written + rejected."""
     t, multilabel = plan.table, cfg.task == "multilabel"
     written = {r for s in states.values() for r in s["written"]}
@@ -566,6 +588,8 @@ def summarize(cfg: PrepareConfig, source: sources.Source, plan: Plan,
                 "class_counts_before_balance": splits.class_counts(
                         [t.at[r, "y"] for r in unique], len(plan.class_names), multilabel),
                 "files": [s.name for s in shards]}
+    encoded = sum(len(s["written"]) + len(s["rejected"]) for s in states.values()
+                  if s.get("this_run"))
     quality = collections.Counter()
     for s in states.values():
         quality.update(s["quality"])
@@ -592,10 +616,13 @@ def summarize(cfg: PrepareConfig, source: sources.Source, plan: Plan,
             "label_encoding": {"positive_threshold": cfg.positive_threshold,
                                "label_map": sources.parse_label_map(cfg.label_map)},
             "quality_flags": dict(sorted(quality.items())),
-            "source": {"labels_csv": os.path.abspath(cfg.labels_csv),
+            "source": {"labels_csv": os.path.abspath(cfg.labels_csv) if cfg.labels_csv else None,
                        "images_dir": source.images_dir, "adapter": source.adapter},
-            "timing": {"seconds": round(seconds, 3),
-                       "images_per_second": round(len(written) / seconds, 2) if seconds else None},
+            # Varies run to run (and covers only this run's shards after a resume).
+            "timing": {"seconds": round(seconds, 3), "write_seconds": round(write_seconds, 3),
+                       "workers": cfg.workers, "images_encoded": encoded,
+                       "images_per_second": round(encoded / write_seconds, 2)
+                       if write_seconds else None},
     }
 
 
@@ -620,8 +647,10 @@ def run(cfg: PrepareConfig) -> dict:
             multilabel=cfg.task == "multilabel", out_dir=cfg.out_dir))
     plan = make_plan(cfg, source)
     _prepare_out_dir(cfg, plan.fingerprint(cfg))
+    write_start = time.perf_counter()
     states = write_shards(cfg, plan)
-    summary = summarize(cfg, source, plan, states, time.perf_counter() - start)
+    now = time.perf_counter()
+    summary = summarize(cfg, source, plan, states, now - start, now - write_start)
     _write_rejected(os.path.join(cfg.out_dir, "rejected.csv"), _rejections(plan, states))
     _write_json(os.path.join(cfg.out_dir, "dataset.json"), summary)
     return summary
@@ -696,10 +725,12 @@ def main(argv):
         summary = run(config_from_flags())
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    rows = summary["rows"]
+    rows, timing = summary["rows"], summary["timing"]
     print(f"rows read {rows['read']}, written {rows['written']}, rejected {rows['rejected']} "
           f"(unknown label {rows['skipped_unknown_label']}); "
-          f"{summary['timing']['images_per_second']} images/s -> {flags.FLAGS.out_dir}")
+          f"{timing['images_per_second']} images/s over {timing['images_encoded']} images "
+          f"({timing['write_seconds']} s encode+write, {timing['seconds']} s in all) "
+          f"-> {flags.FLAGS.out_dir}")
 
 
 if __name__ == "__main__":
