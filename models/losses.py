@@ -77,7 +77,7 @@ def binary_focal_loss(y_true, y_pred, gamma=2.0, alpha=0.25, reduction_over_labe
 
     ``reduction_over_labels``: ``"mean"`` over the C labels like Keras' built-in
     ``BinaryFocalCrossentropy(apply_class_balancing=True)``, or ``"sum"`` like
-    tensorflow-addons' ``SigmoidFocalCrossEntropy`` (what the RFMiD system trained with,
+    TF-Addons' ``SigmoidFocalCrossEntropy`` (what the RFMiD system trained with,
     gamma=2.5, alpha=0.15): ``sum`` = C x ``mean``, so the learning rate interacts with C.
 
     Args: y_true 0/1 ``[B]`` (binary) or ``[B, C]``; y_pred logits ``[B, 1]`` or ``[B, C]``.
