@@ -627,7 +627,7 @@ def process_image(path: str, config: PreprocessConfig) -> tuple[np.ndarray, dict
     flags = quality_flags(img, circle, scale)
     if circle is not None:
         img = crop_fundus(img, circle)
-        info["circle"] = [round(v * scale, 1) for v in circle]
+        info["circle"] = _to_original(circle, scale)
     else:
         info["circle"] = None
     img = resize(img, config.image_size)
@@ -635,6 +635,14 @@ def process_image(path: str, config: PreprocessConfig) -> tuple[np.ndarray, dict
     info.update({"quality_too_dark": flags.pop("too_dark"),
                  "quality_small_field": flags.pop("small_field"), **flags})
     return img, info
+
+
+def _to_original(circle: Circle, scale: int) -> list[float]:
+    """[cx, cy, r] in full-resolution pixels of a circle found in a 1/scale decode
+    (reduced pixel i averages full pixels i * scale .. i * scale + scale - 1)."""
+    offset = (scale - 1) / 2
+    return [round(circle.cx * scale + offset, 1), round(circle.cy * scale + offset, 1),
+            round(circle.r * scale, 1)]
 
 
 def _enhance(img: np.ndarray, config: PreprocessConfig) -> np.ndarray:
