@@ -1,13 +1,4 @@
-"""Test helpers shared by the serving / export / predict tests.
-
-Dependencies written concurrently by others (`input_pipeline.pipeline`,
-`models`) get small stand-ins here until they land; the stand-ins follow
-docs/ARCHITECTURE.md and are only installed when the real module is missing.
-"""
-
-import importlib
-import sys
-import types
+"""Test helpers shared by the serving / export / predict tests: synthetic fundus images."""
 
 import cv2
 import numpy as np
@@ -43,30 +34,3 @@ def encode(img: np.ndarray, fmt: str = ".png", quality: int = 95) -> bytes:
     ok, buf = cv2.imencode(fmt, cv2.cvtColor(img, cv2.COLOR_RGB2BGR), params)
     assert ok
     return buf.tobytes()
-
-
-def _pipeline_double() -> types.ModuleType:
-    import tensorflow as tf
-
-    def preprocess_image(image, image_size):
-        """uint8 [H, W, 3] -> float32 [S, S, 3] in [0, 255] (bilinear resize)."""
-        image = tf.cast(image, tf.float32)
-        return tf.image.resize(image, [image_size, image_size], antialias=True)
-
-    module = types.ModuleType("input_pipeline.pipeline")
-    module.preprocess_image = preprocess_image
-    return module
-
-
-def ensure_pipeline() -> None:
-    """Imports input_pipeline.pipeline, or installs a stand-in when it has not landed."""
-    try:
-        importlib.import_module("input_pipeline.pipeline")
-    except ModuleNotFoundError as e:
-        if e.name != "input_pipeline.pipeline":
-            raise
-        import input_pipeline
-
-        double = _pipeline_double()
-        sys.modules["input_pipeline.pipeline"] = double
-        input_pipeline.pipeline = double

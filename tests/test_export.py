@@ -1,0 +1,193 @@
+"""evaluation.exporting / export.py: SavedModel with an image-bytes signature, ONNX, model card."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from evaluation import exporting, thresholds
+from input_pipeline import serving
+from models import build_model, heads
+from tests.serving_helpers import encode, synthetic_fundus
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+VENV_BIN = pathlib.Path(sys.executable).parent
+S, D = 32, 64  # model input size, dataset (prepare) image size
+CLASSES = ("0", "1", "2", "3", "4")
+DATASET = {
+    "task": "dr_grade", "num_classes": 5, "class_names": list(CLASSES), "image_size": D,
+    "preprocessing": {"crop": "fundus", "clahe": None, "ben_graham": False},
+    "splits": {"train": {"num_examples": 70, "class_counts": [30, 10, 15, 10, 5]},
+               "test": {"num_examples": 15, "class_counts": [6, 2, 3, 3, 1]}},
+    "rows": {"read": 100, "written": 98, "rejected": 2},
+}
+RULE = {"type": "ordinal_cutpoints", "score": "expected_grade", "cutpoints": [0.6, 1.4, 2.5, 3.2]}
+
+
+def _images() -> list[bytes]:
+    """Two JPEGs and a PNG of different sizes and aspect ratios."""
+    return [encode(synthetic_fundus(120, 180, radius=58, seed=0), ".jpg"),
+            encode(synthetic_fundus(100, 100, radius=45, seed=1), ".png"),
+            encode(synthetic_fundus(90, 120, radius=50, seed=2, brightness=0.3), ".jpg")]
+
+
+@pytest.fixture(scope="module")
+def model() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    return build_model("resnetv2_lite", "dr_grade", 5, S)
+
+
+@pytest.fixture(scope="module")
+def spec(model, tmp_path_factory) -> exporting.ServingSpec:
+    path = tmp_path_factory.mktemp("eval") / "thresholds.json"
+    path.write_text(json.dumps({"task": "dr_grade", "head": "coral", "temperature": 1.5,
+                                "decision": RULE}))
+    return exporting.spec_from_dataset(model, DATASET, path)
+
+
+@pytest.fixture(scope="module")
+def exported(model, spec, tmp_path_factory) -> pathlib.Path:
+    base = tmp_path_factory.mktemp("export")
+    card = exporting.model_card(spec, DATASET, None)
+    return exporting.write_saved_model(model, spec, base, model_card=card)
+
+
+def _in_memory(model, spec, images: list[bytes]) -> dict:
+    """serving.py pre-processing eagerly, then the Keras model and heads.probabilities."""
+    x = np.stack([serving.preprocess_bytes(tf.constant(b), spec.preprocess).numpy()
+                  for b in images])
+    logits = model(x, training=False).numpy()
+    probs = heads.probabilities(logits / spec.temperature, spec.head)
+    return {"probabilities": probs, "grade": thresholds.apply_rule(spec.rule, probs)}
+
+
+def test_spec_reads_workdir_files(spec):
+    assert spec.head == "coral" and spec.temperature == 1.5 and spec.rule == RULE
+    assert spec.preprocess == serving.ServingConfig(dataset_image_size=D, model_image_size=S)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_saved_model_equals_in_memory_model(exported, model, spec, batch):
+    images = _images()[:batch]
+    signature = tf.saved_model.load(str(exported)).signatures["serving_default"]
+    got = signature(image_bytes=tf.constant(images))
+    want = _in_memory(model, spec, images)
+    assert got["probabilities"].shape == (batch, 5) and got["probabilities"].dtype == tf.float32
+    np.testing.assert_allclose(got["probabilities"].numpy(), want["probabilities"], atol=1e-4)
+    assert got["grade"].dtype == tf.int32
+    np.testing.assert_array_equal(got["grade"].numpy(), want["grade"])
+    assert got["class_names"].numpy().tolist() == [[c.encode() for c in CLASSES]] * batch
+
+
+def test_tensor_signature_and_decision_rule(exported, model, spec):
+    x = np.random.default_rng(0).uniform(0, 255, (4, S, S, 3)).astype(np.float32)
+    got = tf.saved_model.load(str(exported)).signatures["serve_tensor"](image=x)
+    probs = heads.probabilities(model(x).numpy() / 1.5, "coral")
+    np.testing.assert_allclose(got["probabilities"].numpy(), probs, atol=1e-5)
+    np.testing.assert_array_equal(got["grade"].numpy(), thresholds.apply_rule(RULE, probs))
+
+
+def test_version_layout_and_model_card(exported):
+    assert exported.name == "1" and (exported / "saved_model.pb").is_file()
+    assert not list(exported.parent.glob(".tmp-*"))
+    meta = json.loads((exported / exporting.METADATA_JSON).read_text())
+    assert meta["decision_output"] == "grade" and meta["class_names"] == list(CLASSES)
+    card = (exported / "model_card.md").read_text()
+    assert exporting.NOTICE in card and "ordinal_cutpoints" in card and "| train | 70 |" in card
+    assert exporting.next_version(exported.parent) == 2
+
+
+def test_loads_in_plain_python_without_the_project(exported, tmp_path):
+    """A clean interpreter (-I: no PYTHONPATH, no cwd on sys.path) outside the repo."""
+    code = ("import sys, tensorflow as tf; "
+            "assert not any('fundusflow' in p or p.endswith('/main') for p in sys.path); "
+            "f = tf.saved_model.load(sys.argv[1]).signatures['serving_default']; "
+            "out = f(image_bytes=tf.constant([open(sys.argv[2], 'rb').read()])); "
+            "print(sorted(out), out['probabilities'].shape)")
+    image = tmp_path / "x.jpg"
+    image.write_bytes(_images()[0])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-I", "-c", code, str(exported), str(image)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "['class_names', 'grade', 'probabilities'] (1, 5)" in done.stdout
+
+
+def test_saved_model_cli_shows_signature(exported):
+    done = subprocess.run([str(VENV_BIN / "saved_model_cli"), "show", "--dir", str(exported),
+                           "--tag_set", "serve", "--signature_def", "serving_default"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "inputs['image_bytes']" in out and "DT_STRING" in out and "shape: (-1)" in out
+    for name in ("probabilities", "grade", "class_names"):
+        assert f"outputs['{name}']" in out
+
+
+def test_refuses_clahe_dataset(model):
+    info = {**DATASET, "preprocessing": {"crop": "fundus", "clahe": "lab"}}
+    with pytest.raises(ValueError, match="CLAHE"):
+        exporting.spec_from_dataset(model, info)
+
+
+def test_existing_version_is_not_overwritten(exported, model, spec):
+    with pytest.raises(FileExistsError):
+        exporting.write_saved_model(model, spec, exported.parent, version=1)
+
+
+@pytest.mark.parametrize("task,classes,rule_type,out", [
+    ("multilabel", 3, "per_class_thresholds", "labels"),
+    ("binary", 2, "binary_threshold", "class_id"),
+    ("multiclass", 4, "argmax", "class_id"),
+])
+def test_decision_outputs_per_task(task, classes, rule_type, out):
+    net = build_model("resnetv2_lite", task, classes, S)
+    info = {**DATASET, "task": task, "num_classes": classes,
+            "class_names": [f"c{i}" for i in range(classes)]}
+    spec = exporting.spec_from_dataset(net, info)
+    assert spec.rule["type"] == rule_type and spec.decision_name == out
+    got = exporting.in_memory_predictor(net, spec)(tf.constant(_images()[:2]))
+    probs = got["probabilities"].numpy()
+    np.testing.assert_array_equal(got[out].numpy(), thresholds.apply_rule(spec.rule, probs))
+    assert got[out].shape == ((2, classes) if task == "multilabel" else (2,))
+
+
+def test_mixed_precision_model_is_exported_in_float32():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        mixed = build_model("resnetv2_lite", "binary", 2, S)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    twin = exporting.as_float32(mixed)
+    assert twin is not mixed
+    assert all(not layer.dtype_policy.name.startswith("mixed") for layer in twin.layers)
+    x = np.random.default_rng(1).uniform(0, 255, (2, S, S, 3)).astype(np.float32)
+    np.testing.assert_allclose(twin(x).numpy(), mixed(x).numpy().astype(np.float32), atol=0.05)
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnetv2_lite", "mobilenetv3_large"])
+def test_onnx_matches_keras(name, tmp_path):
+    pytest.importorskip("tf2onnx")
+    ort = pytest.importorskip("onnxruntime")
+    net = build_model(name, "dr_grade", 5, S)
+    spec = exporting.spec_from_dataset(net, DATASET)
+    out = exporting.write_onnx(net, spec, tmp_path, version=3)
+    assert out == tmp_path / "3"
+    pre = json.loads((out / exporting.PREPROCESSING_JSON).read_text())
+    assert pre["input"]["shape"] == [None, S, S, 3] and pre["class_names"] == list(CLASSES)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(2).uniform(0, 255, (3, S, S, 3)).astype(np.float32)
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {session.get_inputs()[0].name: x}), strict=True))
+    want = net(x).numpy()
+    assert np.abs(got["logits"] - want).max() / np.abs(want).max() < 1e-4
+    np.testing.assert_allclose(got["probabilities"], heads.probabilities(want, "coral"),
+                               atol=1e-5)
