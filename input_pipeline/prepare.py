@@ -111,8 +111,8 @@ def check_config(cfg: PrepareConfig) -> None:
               "out_dir": bool(cfg.out_dir)}
     for flag, ok in checks.items():
         if not ok:
-            raise ValueError(f"--{flag}: invalid value for task {cfg.task!r}: "
-                             f"{getattr(cfg, flag)!r}")
+            only = " (binary task only)" if flag == "positive_threshold" else ""
+            raise ValueError(f"--{flag}: invalid value {getattr(cfg, flag)!r}{only}")
 
 
 def preprocess_config(cfg: PrepareConfig) -> preprocessing.PreprocessConfig:
@@ -150,7 +150,6 @@ class Plan:
     dropped_classes: list[str]
     shards: list[Shard]
     split_info: dict
-    counts_before_balance: dict[str, list[int]]
 
     def fingerprint(self, cfg: PrepareConfig) -> str:
         """Hash of everything that determines the output bytes (not workers/overwrite)."""
@@ -256,7 +255,8 @@ def _assign_splits(cfg: PrepareConfig, table: pd.DataFrame, kept: np.ndarray,
         logging.warning("%d groups (patient / identical bytes) straddle the given splits",
                         straddling)
     return {"method": method, "fractions": list(fractions) if method != "column" else None,
-            "group_column": cfg.group_column or ("patient_id" if sub["patient_id"].any() else None),
+            "group_column": cfg.group_column or ("patient_id" if (sub["patient_id"] != "").any()
+                                                 else None),
             "seed": cfg.seed, "duplicates_csv": cfg.duplicates_csv,
             "straddling_groups": straddling, **stats}
 
@@ -305,17 +305,16 @@ def _upsample(rows: list[int], labels: list, num_classes: int, multilabel: bool)
     return extra
 
 
-def _make_shards(cfg: PrepareConfig, table: pd.DataFrame, num_classes: int):
-    """-> (shards, per-split class counts before balancing)."""
+def _make_shards(cfg: PrepareConfig, table: pd.DataFrame, num_classes: int) -> list[Shard]:
+    """Shuffles each split (seeded), cuts it into shards, adds upsampled train copies."""
     rng = np.random.default_rng(cfg.seed)
     multilabel = cfg.task == "multilabel"
     members = {name: rng.permutation(np.flatnonzero(table["split"].to_numpy() == i)).tolist()
                for i, name in enumerate(splits.SPLITS)}
     per_split = _shards_per_split(cfg, {k: len(v) for k, v in members.items()})
-    shards, before = [], {}
+    shards = []
     for name, rows in members.items():
         labels = [table.at[r, "y"] for r in rows]
-        before[name] = splits.class_counts(labels, num_classes, multilabel)
         n = per_split[name]
         chunks = ([c.tolist() for c in np.array_split(np.array(rows, dtype=np.int64), n)]
                   if n else [])
@@ -324,7 +323,7 @@ def _make_shards(cfg: PrepareConfig, table: pd.DataFrame, num_classes: int):
                                    rng)
         shards += [Shard(f"{name}-{i:05d}-of-{n:05d}.tfrecord", name, c)
                    for i, c in enumerate(chunks)]
-    return shards, before
+    return shards
 
 
 def _place_copies(chunks: list[list[int]], copies: list[int], rng) -> list[list[int]]:
@@ -347,8 +346,8 @@ def make_plan(cfg: PrepareConfig, source: sources.Source) -> Plan:
                                       cfg.task == "multilabel")
     kept = table["reason"].isna().to_numpy()
     split_info = _assign_splits(cfg, table, kept, class_names, source.images_dir)
-    shards, before = _make_shards(cfg, table, len(class_names))
-    return Plan(table, class_names, dropped, shards, split_info, before)
+    shards = _make_shards(cfg, table, len(class_names))
+    return Plan(table, class_names, dropped, shards, split_info)
 
 
 # ----------------------------------------------------------------------------- workers
@@ -647,6 +646,8 @@ def run(cfg: PrepareConfig) -> dict:
             multilabel=cfg.task == "multilabel", out_dir=cfg.out_dir))
     plan = make_plan(cfg, source)
     _prepare_out_dir(cfg, plan.fingerprint(cfg))
+    from input_pipeline import features  # noqa: F401 - the slow TF import, out of the timing
+
     write_start = time.perf_counter()
     states = write_shards(cfg, plan)
     now = time.perf_counter()
