@@ -100,7 +100,11 @@ def field_circle(size: int, wide: bool = False, clipped: bool = False) -> tuple[
 
 
 def sample_lesion_counts(rng: np.random.Generator, grade: int) -> dict[str, int]:
-    """Lesion counts whose `grade_from_counts` is `grade` (0..4)."""
+    """Lesion counts whose `grade_from_counts` is `grade` (0..4).
+
+    Grades >= 1 always carry microaneurysms (3..10); grade 3 has 8..16 haemorrhages, which
+    `render_fundus` spreads over all four quadrants.
+    """
     n = {k: 0 for k in LESIONS}
     if grade >= 1:
         n["microaneurysms"] = int(rng.integers(3, 11))
@@ -197,7 +201,7 @@ def _blur(m: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(m, (0, 0), sigma) if sigma > 0.3 else m
 
 
-def _window(f: "_Field", x: float, y: float, half: float):
+def _window(f: _Field, x: float, y: float, half: float):
     """Slices of the box of half-size `half` px around (x, y), clipped to the image, and
     the float32 pixel offsets (dx [1, w], dy [h, 1]) of its columns and rows from (x, y).
 
@@ -530,6 +534,8 @@ def render_fundus(rng: np.random.Generator, size: int, *, wide: bool = False, ey
     """
     lesions, diseases = dict(lesions or {}), dict(diseases or {})
     quadrant = lesions.pop("quadrant", None)
+    if eye not in ("OD", "OS"):
+        raise ValueError(f"eye must be 'OD' or 'OS', got {eye!r}")
     for name, known in ((lesions, LESIONS), (diseases, DISEASES)):
         if set(name) - set(known):
             raise ValueError(f"unknown keys {sorted(set(name) - set(known))}; known: {known}")
@@ -614,7 +620,11 @@ def make_example(index: int, image_size: int, seed: int) -> tuple[np.ndarray, di
 
 
 def generate(out_dir, num_images: int, image_size: int, seed: int) -> pd.DataFrame:
-    """Writes `out_dir/images/*.jpg` and `out_dir/labels.csv`; returns the label table."""
+    """Writes `out_dir/images/*.jpg` and `out_dir/labels.csv`; returns the label table.
+
+    Rows 2p and 2p+1 are patient p's OD and OS eyes (an odd `num_images` leaves the last
+    patient with one eye). Columns: `CSV_COLUMNS`; `image` is relative to `out_dir`.
+    """
     out = pathlib.Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []

@@ -207,13 +207,15 @@ def test_cupping_enlarges_pale_cup():
     assert pale_pixels(_render(16, diseases={"cupping": True})) > 1.5 * pale_pixels(_render(16))
 
 
-def test_render_rejects_unknown_keys():
+def test_render_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown keys"):
         _render(lesions={"cotton_wool": 2})
     with pytest.raises(ValueError, match="unknown keys"):
         _render(diseases={"glaucoma": True})
     with pytest.raises(ValueError, match="quadrant"):
         _render(lesions={"haemorrhages": 1, "quadrant": 4})
+    with pytest.raises(ValueError, match="eye"):
+        _render(eye="left")
 
 
 # --- dataset ------------------------------------------------------------------------------
