@@ -382,3 +382,13 @@ def test_mexico_sample_multiclass_dr_rejects_unknown(shared_data, tmp_path):
     truth = dict(zip(sample.image, sample.dr.str.lower(), strict=True))
     assert all(names[r["label"]] == truth[r["source"]] for r in records)
     assert summary["rows"]["written"] == len(records) == 30 - len(rejected)
+
+
+def test_upsample_plan_golden():
+    from input_pipeline.prepare import _upsample
+
+    assert _upsample([10, 11, 12, 13], [0, 0, 0, 1], 2, multilabel=False) == [13, 13]
+    # Multi-label: row 4 is the only positive of the rare label B (its rarest label), so it
+    # is repeated until B has as many positives as A; its copies also count for A.
+    labels = [(1, 0), (1, 0), (1, 0), (1, 0), (1, 1), (0, 0)]
+    assert _upsample(list(range(6)), labels, 2, multilabel=True) == [4, 4, 4, 4]
