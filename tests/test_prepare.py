@@ -287,7 +287,12 @@ def test_grouped_split_keeps_patients_and_identical_files_together(tmp_path):
         dst = os.path.join(images, f"img_{j:03d}.png")
         with open(src, "rb") as f, open(dst, "wb") as g:
             g.write(f.read())
-    cfg = _config(tmp_path, csv_path, images, task="multiclass", split="0.6,0.2,0.2")
+    # A listed (not byte-identical) duplicate joins p2 and p7 as well.
+    dup_csv = tmp_path / "duplicates.csv"
+    dup_csv.write_text("group,md5_of_original,image,patient_id\n"
+                       "0,x,img_006.png,p2\n0,x,img_021.png,p7\n")
+    cfg = _config(tmp_path, csv_path, images, task="multiclass", split="0.6,0.2,0.2",
+                  duplicates_csv=str(dup_csv))
     summary = run(cfg)
     split_of = collections.defaultdict(set)
     for split, rs in _all_records(cfg.out_dir, summary).items():
@@ -298,8 +303,10 @@ def test_grouped_split_keeps_patients_and_identical_files_together(tmp_path):
     assert split_of["img_000.png"] == split_of["img_005.png"]
     assert split_of["p0"] == split_of["p1"]  # joined through the duplicate file
     assert split_of["p1"] == split_of["p11"]
+    assert split_of["p2"] == split_of["p7"]
     assert summary["split"]["groups_merged_by_identical_bytes"] == 2
-    assert summary["split"]["num_groups"] == 10 and summary["split"]["straddling_groups"] == 0
+    assert summary["split"]["groups_merged_by_duplicates_csv"] == 1
+    assert summary["split"]["num_groups"] == 9 and summary["split"]["straddling_groups"] == 0
     assert {s: v["num_examples"] > 0 for s, v in summary["splits"].items()} == {
             "train": True, "val": True, "test": True}
 
@@ -392,3 +399,11 @@ def test_upsample_plan_golden():
     # is repeated until B has as many positives as A; its copies also count for A.
     labels = [(1, 0), (1, 0), (1, 0), (1, 0), (1, 1), (0, 0)]
     assert _upsample(list(range(6)), labels, 2, multilabel=True) == [4, 4, 4, 4]
+
+
+def test_workers_do_not_import_tensorflow():
+    # Spawned workers import this module (and preprocessing) only; TF there would cost
+    # seconds and hundreds of MB per worker.
+    code = ("import sys, input_pipeline.prepare; "
+            "sys.exit('tensorflow' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
