@@ -15,7 +15,12 @@ import math
 
 import keras
 
-BACKBONE, HEAD = "backbone", "head"
+BACKBONE, HEAD, SINGLE = "backbone", "head", "adamw"
+
+
+def group_names(backbone_lr_factor: float | None) -> tuple[str, ...]:
+    """Names of the optimizer groups `build_optimizer` makes for this setting."""
+    return (SINGLE,) if backbone_lr_factor is None else (BACKBONE, HEAD)
 
 
 def lr_schedule(base_lr: float, total_steps: int, warmup_steps: int = 0,
@@ -86,8 +91,10 @@ def build_optimizer(model: keras.Model, *, learning_rate: float, total_steps: in
         sched = lr_schedule(learning_rate * factor, total_steps, warmup_steps, min_lr_ratio)
         return adamw(sched, weight_decay, no_decay, name=name, **common)
 
-    if backbone_lr_factor is None or not backbone_variables(model):
-        return group(1.0 if backbone_lr_factor is None else head_lr_factor, "adamw")
+    if backbone_lr_factor is None:
+        return group(1.0, SINGLE)
+    if not backbone_variables(model):  # frozen backbone: the head group alone
+        return group(head_lr_factor, HEAD)
     return multi_optimizer(model, group(backbone_lr_factor, BACKBONE),
                            group(head_lr_factor, HEAD))
 

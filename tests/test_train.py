@@ -1,0 +1,206 @@
+"""training/experiment.py + train.py end to end on tiny synthetic shards (32 px).
+
+One in-process 2-epoch run (module fixture) is shared by the artefact, rebuild and
+workdir tests; kill/resume and determinism run train.py in subprocesses (kill -9,
+and op determinism is process-global).
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import gin
+import numpy as np
+import pytest
+
+from input_pipeline import features
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEBUG_GIN = os.path.join(REPO, "configs", "debug.gin")
+SIZE, K = 32, 5
+
+
+def _image(label: int, rng) -> bytes:
+    """A disc whose brightness grows with the grade: learnable in a few steps."""
+    img = np.zeros((SIZE, SIZE, 3), np.uint8)
+    cv2.circle(img, (SIZE // 2, SIZE // 2), SIZE // 2 - 1, (40 + 50 * label, 30, 20), -1)
+    img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
+def write_shards(out_dir, counts={"train": 64, "val": 24}, seed=0) -> str:  # noqa: B006
+    """Writes {split}-00000-of-00001.tfrecord + dataset.json (dr_grade, K=5)."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(out_dir, exist_ok=True)
+    splits = {}
+    for split, n in counts.items():
+        labels = np.arange(n) % K
+        name = f"{split}-00000-of-00001.tfrecord"
+        with tf.io.TFRecordWriter(os.path.join(out_dir, name)) as w:
+            for i, y in enumerate(labels):
+                w.write(features.serialize_example(_image(int(y), rng), int(y), height=SIZE,
+                                                   width=SIZE, source=f"{split}{i}.png"))
+        c = np.bincount(labels, minlength=K).tolist()
+        splits[split] = {"num_examples": n, "class_counts": c,
+                         "class_counts_before_balance": c, "files": [name]}
+    info = {"task": "dr_grade", "num_classes": K, "class_names": [str(i) for i in range(K)],
+            "label_columns": ["dr_grade"], "image_size": SIZE, "image_format": "png",
+            "splits": splits}
+    with open(os.path.join(out_dir, "dataset.json"), "w") as f:
+        json.dump(info, f)
+    return out_dir
+
+
+def _history(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "history.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def _train_in_process(workdir, data_dir, *bindings, resume=False):
+    from training import experiment
+
+    gin.clear_config()
+    gin.parse_config_files_and_bindings(
+        [DEBUG_GIN], [f"train.data_dir = '{data_dir}'", *bindings])
+    return experiment.train(str(workdir), resume=resume)
+
+
+def _train_cmd(workdir, data_dir, *bindings, resume=False) -> list[str]:
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), f"--gin_file={DEBUG_GIN}",
+           f"--workdir={workdir}", f"--gin_bindings=train.data_dir = '{data_dir}'"]
+    cmd += [f"--gin_bindings={b}" for b in bindings]
+    return cmd + (["--resume"] if resume else [])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_shards(str(tmp_path_factory.mktemp("data")))
+
+
+RUN = ("train.tensorboard = True", "train.epochs = 3", "train.deterministic = True",
+       "train.freeze_backbone_epochs = 1", "train.backbone_lr_factor = 0.1",
+       "train.dropout = 0.2", "train.bn_recalibration_batches = 2")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    """A deterministic two-stage run: epoch 0 head only, epochs 1-2 both LR groups."""
+    from tensorflow.python.framework import config as tf_config
+
+    workdir = tmp_path_factory.mktemp("run") / "w"
+    summary = _train_in_process(workdir, data_dir, *RUN)
+    yield workdir, summary
+    tf_config.disable_op_determinism()  # process-global: don't leak into other tests
+
+
+def test_training_lowers_loss_and_writes_every_artefact(trained):
+    workdir, summary = trained
+    rows = _history(workdir)
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    for name in ("config.gin", "operative_config.gin", "dataset.json", "model.keras",
+                 "training_summary.json", "checkpoints/best.weights.h5",
+                 "checkpoints/best.json", "checkpoints/epoch_001.weights.h5",
+                 "checkpoints/epoch_003.weights.h5"):
+        assert os.path.getsize(workdir / name) > 0, name
+    assert not (workdir / "backup").exists()  # removed once training completed
+    operative = (workdir / "operative_config.gin").read_text()
+    assert "train.model = 'resnetv2_lite'" in operative
+    assert "resnetv2_lite.widths = (8, 16)" in operative
+    events = [f for _, _, fs in os.walk(workdir / "tensorboard") for f in fs if "tfevents" in f]
+    assert len(events) >= 3  # train, validation, images (input grid + confusion matrices)
+    assert summary["epochs_run"] == 3 and summary["resumed"] is False
+    best = json.loads((workdir / "checkpoints/best.json").read_text())
+    assert summary["best_epoch"] == best["best_epoch"]
+    assert summary["best_metric"] == pytest.approx(max(float(r["val_qwk"]) for r in rows))
+    assert summary["images_per_s"] > 0
+
+
+def test_two_stages_keep_epochs_continuous_with_group_rates(trained):
+    workdir, summary = trained
+    rows = _history(workdir)
+    # Stage 1 trains the head alone (backbone LR logged as 0), stage 2 both groups with
+    # the backbone at 0.1 x the head's rate; each group's optimizer stepped every batch.
+    assert float(rows[0]["lr_backbone"]) == 0.0 and float(rows[0]["lr_head"]) > 0
+    assert float(rows[1]["lr_backbone"]) == pytest.approx(0.1 * float(rows[1]["lr_head"]))
+    steps = 64 // 8
+    assert summary["optimizer_iterations"] == {"backbone": 2 * steps, "head": 2 * steps}
+
+
+def test_stages_plan():
+    from training import experiment
+
+    stages = experiment.plan_stages(5, 2, 0.1)
+    assert [(s.start, s.end, s.train_backbone, s.lr_factor) for s in stages] == [
+        (0, 2, False, 1.0), (2, 5, True, 0.1)]
+    assert len(experiment.plan_stages(5, 0, 0.1)) == 1
+
+
+def test_deterministic_runs_give_identical_history(trained, tmp_path, data_dir):
+    workdir, _ = trained
+    _train_in_process(tmp_path / "w", data_dir, *RUN)
+    assert _history(tmp_path / "w") == _history(workdir)
+
+
+def test_build_from_config_rebuilds_the_best_model(trained):
+    import keras
+
+    from training import experiment
+
+    workdir, summary = trained
+    model, info, config = experiment.build_from_config(str(workdir))
+    assert config["task"] == "dr_grade" and config["head"] == "coral"
+    assert config["image_size"] == SIZE and info["num_classes"] == K
+    saved = keras.models.load_model(workdir / "model.keras", compile=False)
+    x = np.random.default_rng(1).uniform(0, 255, (4, SIZE, SIZE, 3)).astype("float32")
+    np.testing.assert_allclose(model.predict(x, verbose=0), saved.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-5)
+    for a, b in zip(model.get_weights(), saved.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_existing_workdir_without_resume_is_refused(trained, data_dir):
+    workdir, _ = trained
+    with pytest.raises(FileExistsError, match="--resume"):
+        _train_in_process(workdir, data_dir)
+
+
+def test_shadowed_build_model_binding_is_an_error(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="train.<arg>"):
+        _train_in_process(tmp_path / "w", data_dir, "build_model.dropout = 0.5")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_at_the_right_epoch(tmp_path, data_dir):
+    workdir = tmp_path / "w"
+    env = {**os.environ, "FUNDUSFLOW_TEST_HANG_AT_EPOCH": "1"}
+    proc = subprocess.Popen(_train_cmd(workdir, data_dir), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 150
+    while not (workdir / "hanging").exists():  # mid-epoch 1, epoch 0 backed up
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "the run never reached epoch 1"
+        time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    meta = json.loads((workdir / "backup/stage_0/training_metadata.json").read_text())
+    assert meta["epoch"] == 1
+    assert [int(r["epoch"]) for r in _history(workdir)] == [0]
+
+    res = subprocess.run(_train_cmd(workdir, data_dir, resume=True), capture_output=True,
+                         text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((workdir / "training_summary.json").read_text())
+    assert summary["resumed"] is True
+    assert [int(r["epoch"]) for r in _history(workdir)] == [0, 1]
+    # Optimizer state came back: epoch 0's 8 steps + epoch 1's 8 after the resume
+    # (a fresh optimizer would report 8).
+    assert summary["optimizer_iterations"] == {"adamw": 2 * 8}

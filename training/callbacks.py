@@ -1,0 +1,348 @@
+"""Keras callbacks for fundusflow's training loop and its workdir artefacts.
+
+Crash safety (docs/PITFALLS section 2): `BackupAndRestore` restores weights,
+optimizer state and the epoch, but not `ModelCheckpoint.best` nor EarlyStopping's
+state. `BestCheckpoint` therefore persists its own state to
+`checkpoints/best.json` after every epoch and reloads it on resume, and
+`ResumableEarlyStopping` continues from that state. Epochs whose logs are not
+finite (TerminateOnNaN) are neither checkpointed nor backed up, so the last good
+weights survive.
+
+Epoch numbers in file names and JSON are 1-based ("after N epochs");
+history.csv keeps Keras' 0-based `epoch` column.
+"""
+
+import io
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from training import optimizers
+
+HANG_ENV = "FUNDUSFLOW_TEST_HANG_AT_EPOCH"  # testing hook, see HangForTesting
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Writes JSON to `path` via a temporary file and os.replace (never half-written)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_weights_atomic(model: keras.Model, path: str) -> None:
+    """Model weights only (no optimizer state) to `path` (*.weights.h5), via a temp file.
+
+    `model.save_weights` would add the optimizer's variables, which then fail to
+    match (with warnings) when loaded into another stage's optimizer or an
+    uncompiled model; BackupAndRestore keeps the optimizer state for resuming.
+    """
+    from keras.src.saving import saving_lib  # objects_to_skip isn't in the public API
+
+    tmp = path[: -len(".weights.h5")] + ".tmp.weights.h5"
+    skip = [model.optimizer] if model.optimizer is not None else None
+    saving_lib.save_weights_only(model, tmp, objects_to_skip=skip)
+    os.replace(tmp, path)
+
+
+def load_weights_model_only(model: keras.Model, path: str) -> None:
+    """Loads a `save_weights_atomic` file, leaving the model's optimizer state alone."""
+    from keras.src.saving import saving_lib
+
+    skip = [model.optimizer] if model.optimizer is not None else None
+    saving_lib.load_weights_only(model, path, objects_to_skip=skip)
+
+
+def logs_finite(logs: dict | None) -> bool:
+    """True when every numeric value in `logs` is finite (no NaN/inf loss or metric)."""
+    return all(math.isfinite(float(v)) for v in (logs or {}).values()
+               if isinstance(v, int | float | np.floating | np.integer))
+
+
+def weights_finite(model: keras.Model) -> bool:
+    return all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def improved(value: float, best: float | None, mode: str) -> bool:
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Atomic `best.weights.h5` on the monitored metric, plus `epoch_NNN.weights.h5`.
+
+    State `{monitor, mode, best, best_epoch, last_epoch}` goes to `best.json` after
+    every epoch; a resumed run starts from it (the threshold the first post-resume
+    epoch must beat), which `ModelCheckpoint` can't do by itself.
+    """
+
+    def __init__(self, ckpt_dir: str, monitor: str, mode: str, every_n_epochs: int = 0):
+        super().__init__()
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.ckpt_dir, self.monitor, self.mode, self.every = ckpt_dir, monitor, mode, every_n_epochs
+        self.best_path = os.path.join(ckpt_dir, "best.weights.h5")
+        self.state_path = os.path.join(ckpt_dir, "best.json")
+        self.state = {"monitor": monitor, "mode": mode, "best": None, "best_epoch": None,
+                      "last_epoch": 0}
+        if os.path.exists(self.state_path):
+            with open(self.state_path) as f:
+                self.state.update(json.load(f))
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self.monitor not in logs:
+            raise KeyError(f"monitor {self.monitor!r} not in logs; available: {sorted(logs)}")
+        if not logs_finite(logs) or not weights_finite(self.model):
+            return  # keep the last good checkpoint (TerminateOnNaN stops the run next)
+        n = epoch + 1
+        value = float(logs[self.monitor])
+        if improved(value, self.state["best"], self.mode):
+            save_weights_atomic(self.model, self.best_path)
+            self.state.update(best=value, best_epoch=n)
+        if self.every and n % self.every == 0:
+            path = os.path.join(self.ckpt_dir, f"epoch_{n:03d}.weights.h5")
+            save_weights_atomic(self.model, path)
+        self.state["last_epoch"] = n
+        write_json_atomic(self.state_path, self.state)
+
+
+class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore that never backs up an epoch with NaN/inf logs."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs_finite(logs):
+            super().on_epoch_end(epoch, logs)
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping whose `best`/`wait` continue from BestCheckpoint's persisted state.
+
+    `wait` counts epochs without improvement since the best epoch, but not before
+    `stage_start` (epochs already run before this stage), so a new stage gets its
+    full patience while a resumed one keeps its count.
+    """
+
+    def __init__(self, best_checkpoint: BestCheckpoint, stage_start: int = 0, **kwargs):
+        super().__init__(monitor=best_checkpoint.monitor, mode=best_checkpoint.mode, **kwargs)
+        self._ckpt, self._stage_start = best_checkpoint, stage_start
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        state = self._ckpt.state
+        if state["best"] is not None:
+            self.best = state["best"]
+            self.best_epoch = state["best_epoch"] - 1
+            since = max(state["best_epoch"], self._stage_start)
+            self.wait = max(0, state["last_epoch"] - since)
+
+
+class TerminateOnNaN(keras.callbacks.Callback):
+    """Stops training at the first non-finite batch loss and remembers that it did."""
+
+    def __init__(self):
+        super().__init__()
+        self.triggered = False
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            logging.error("Batch %d: loss is %s, stopping; the last good checkpoint is kept.",
+                          batch, loss)
+            self.triggered = True
+            self.model.stop_training = True
+
+
+class PreciseBatchNorm(keras.callbacks.Callback):
+    """Before each validation, re-estimates BatchNorm moving statistics on fixed batches.
+
+    Keras' default BN momentum (0.99) makes the moving statistics trail the weights
+    by ~100 steps; in short runs (the demo: 17 steps/epoch) validation then sees stale
+    statistics (val QWK 0.35 with moving stats vs 0.80 with batch stats, measured).
+    "Precise BN" (Wu & Johnson 2021, "Rethinking Batch in BatchNorm") replaces them by
+    the exact average over a few training batches: the momentum of batch i is
+    i / (i + 1). Frozen BN layers (trainable=False run in inference mode) are untouched.
+
+    Args:
+        batches: list of image batches, float32 [B, S, S, 3] in [0, 255].
+    """
+
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = list(batches)
+
+    def on_test_begin(self, logs=None):
+        layers = [layer for layer in _sublayers(self.model)
+                  if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+        saved = [layer.momentum for layer in layers]
+        try:
+            for i, images in enumerate(self.batches):
+                for layer in layers:
+                    layer.momentum = i / (i + 1)  # eager call: read at call time
+                self.model(images, training=True)
+        finally:
+            for layer, momentum in zip(layers, saved, strict=True):
+                layer.momentum = momentum
+
+
+def _sublayers(layer):
+    for sub in getattr(layer, "layers", []):
+        yield sub
+        yield from _sublayers(sub)
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds `lr_<group>` (learning rate after the epoch's last step) to the epoch logs.
+
+    `groups` is fixed for the whole run so that history.csv keeps its columns across
+    stages; a group without an optimizer in this stage (frozen backbone) logs 0.
+    """
+
+    def __init__(self, groups):
+        super().__init__()
+        self.groups = tuple(groups)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            rates = optimizers.current_learning_rates(self.model.optimizer)
+            for name in self.groups:
+                logs[f"lr_{name}"] = rates.get(name, 0.0)
+
+
+class OperativeConfigWriter(keras.callbacks.Callback):
+    """Writes gin's operative config after the first training step and at the end.
+
+    Only configurables that have run appear in it (PITFALLS section 7), hence the
+    wait for a step: by then model, loss and metrics are all built.
+    """
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path, self._written = path, False
+
+    def _write(self):
+        import gin
+
+        write_text_atomic(self.path, gin.operative_config_str())
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self._written:
+            self._write()
+            self._written = True
+
+    def on_train_end(self, logs=None):
+        self._write()
+
+
+class Throughput(keras.callbacks.Callback):
+    """Training images/s over the epochs run, validation excluded (first epoch: compile too)."""
+
+    def __init__(self, images_per_step: int):
+        super().__init__()
+        self.images_per_step = images_per_step
+        self.seconds, self.steps = 0.0, 0
+        self._t0 = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+
+    def on_test_begin(self, logs=None):
+        if self._t0 is not None:  # validation inside fit: stop the train clock
+            self.seconds += time.perf_counter() - self._t0
+            self._t0 = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.on_test_begin()
+
+    @property
+    def images_per_second(self) -> float:
+        return self.steps * self.images_per_step / self.seconds if self.seconds else 0.0
+
+
+class ConfusionMatrixImage(keras.callbacks.Callback):
+    """Logs a validation confusion-matrix image to TensorBoard each epoch (single-label).
+
+    Args:
+        val_ds: tf.data of (image float32 [B,S,S,3], label int32 [B]); one pass = the split.
+        decode: logits numpy [B, D] -> predicted class numpy int [B].
+        class_names: K names, the matrix axes.
+        logdir: TensorBoard directory (an "images" run is written beside train/validation).
+    """
+
+    def __init__(self, val_ds, decode, class_names, logdir: str):
+        super().__init__()
+        self.val_ds, self.decode, self.class_names = val_ds, decode, list(class_names)
+        self.writer = tf.summary.create_file_writer(os.path.join(logdir, "images"))
+
+    def on_epoch_end(self, epoch, logs=None):
+        k = len(self.class_names)
+        cm = np.zeros((k, k), np.int64)
+        for images, labels in self.val_ds:
+            pred = np.asarray(self.decode(np.asarray(self.model(images, training=False))))
+            np.add.at(cm, (labels.numpy().astype(int).reshape(-1), pred.astype(int).reshape(-1)), 1)
+        with self.writer.as_default():
+            tf.summary.image("val/confusion_matrix", confusion_matrix_png(cm, self.class_names),
+                             step=epoch)
+        self.writer.flush()
+
+
+def confusion_matrix_png(cm: np.ndarray, class_names) -> tf.Tensor:
+    """Renders an int [K, K] confusion matrix (rows true, cols predicted) as uint8 [1,H,W,4]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(class_names),) * 2, dpi=80)
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+    ax.set(xticks=range(len(class_names)), yticks=range(len(class_names)),
+           xticklabels=class_names, yticklabels=class_names, xlabel="predicted", ylabel="true")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return tf.image.decode_png(buf.getvalue(), channels=4)[None]
+
+
+def log_image(logdir: str, name: str, image: np.ndarray, step: int = 0) -> None:
+    """Writes one uint8 [H, W, 3] image to TensorBoard run `logdir/images`."""
+    writer = tf.summary.create_file_writer(os.path.join(logdir, "images"))
+    with writer.as_default():
+        tf.summary.image(name, np.asarray(image, np.uint8)[None], step=step)
+    writer.flush()
+
+
+class HangForTesting(keras.callbacks.Callback):
+    """Test hook: in epoch `$FUNDUSFLOW_TEST_HANG_AT_EPOCH` (0-based), after one step,
+    touch `marker` and sleep, so that a test can kill -9 the process mid-epoch."""
+
+    def __init__(self, epoch: int, marker: str):
+        super().__init__()
+        self.epoch, self.marker, self._current = epoch, marker, -1
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._current = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._current == self.epoch:
+            with open(self.marker, "w") as f:
+                f.write(str(self.epoch))
+            time.sleep(600)

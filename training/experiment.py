@@ -1,0 +1,501 @@
+"""The single gin root, `train(...)`, and `build_from_config(workdir)`.
+
+    train(workdir, data_dir=..., model="resnetv2_lite", epochs=20, ...)
+
+Steps (one small function each): read dataset.json -> check the workdir -> seed and
+precision -> tf.data -> model -> loss/metrics -> for each stage (frozen backbone,
+then all layers) a fresh optimizer, compile and fit -> artefacts.
+
+Workdir (docs/ARCHITECTURE.md): config.gin (as parsed), operative_config.gin
+(after the first step), dataset.json, checkpoints/{best,epoch_NNN}.weights.h5 +
+best.json, backup/stage_N/ (BackupAndRestore, removed when training completes),
+history.csv, tensorboard/, model.keras (best weights), training_summary.json.
+
+gin: only `train` is configured here; `models.build_model` and
+`input_pipeline.augment.AugmentConfig` take their own bindings too. A binding for
+an argument that `train` passes explicitly would be ignored silently
+(PITFALLS section 7), so `_check_shadowed_bindings` turns it into an error.
+"""
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+import shutil
+import time
+
+import gin
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+import models
+from input_pipeline import augment, pipeline  # noqa: F401  (registers AugmentConfig in gin)
+from models import backbones, heads, losses, metrics  # noqa: F401  (backbones: gin configurables)
+from training import callbacks as cb
+from training import optimizers
+
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
+# Arguments `_build_model` passes to models.build_model (bind train.X, never build_model.X).
+_MODEL_ARGS = ("name", "task", "num_classes", "image_size", "weights", "dropout", "head")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """Epochs [start, end) trained with the backbone frozen or not, at base LR * lr_factor."""
+
+    index: int
+    start: int
+    end: int
+    train_backbone: bool
+    lr_factor: float
+
+
+@gin.configurable(denylist=["workdir", "resume"])
+def train(workdir: str, resume: bool = False, *,
+          data_dir: str = gin.REQUIRED,
+          model: str = "resnetv2_lite", task: str | None = None, head: str | None = None,
+          image_size: int = 128, weights: str | None = None, dropout: float = 0.0,
+          batch_size: int = 32, epochs: int = 20,
+          loss: str | None = None, loss_kwargs: dict | None = None,
+          class_weight: str | None = None, pos_weight: bool = False,
+          pos_weight_clamp: float = 10.0,
+          learning_rate: float = 1e-3, weight_decay: float = 0.05, warmup_epochs: float = 1.0,
+          min_lr_ratio: float = 0.01, backbone_lr_factor: float | None = None,
+          head_lr_factor: float = 1.0, use_ema: bool = False, clipnorm: float | None = None,
+          freeze_backbone_epochs: int = 0, finetune_lr_factor: float = 0.1,
+          monitor: str = "val_qwk", mode: str = "auto", early_stopping_patience: int = 0,
+          checkpoint_every_epochs: int = 5, seed: int = 0, deterministic: bool = False,
+          precision: str = "float32", jit_compile: bool = True,
+          steps_per_epoch: int | None = None, bn_recalibration_batches: int = 0,
+          tensorboard: bool = True,
+          verbose: int = 2) -> dict:
+    """Trains a model on a prepared data dir; returns the training summary dict.
+
+    Args:
+        workdir: output directory; must be new/empty unless `resume`.
+        resume: continue from the last finished epoch (weights + optimizer state).
+        data_dir: `prepare` output: `{split}-*.tfrecord` + dataset.json.
+        model, head, weights, dropout: `models.build_model` arguments; task None ->
+            dataset.json's task.
+        image_size: model input S (pixels float32 [0, 255], [B, S, S, 3]).
+        batch_size: global batch size (training drops the remainder).
+        loss, loss_kwargs: `models.losses.get_loss(loss, task, head, **loss_kwargs)`;
+            None -> the head's default loss.
+        class_weight: "balanced" (n / (K * count_k) from train class_counts) or None;
+            single-label tasks only.
+        pos_weight: pass `pos_weight` = negatives / positives per label (clamped at
+            `pos_weight_clamp`) to the loss (weighted BCE for binary/multilabel).
+        learning_rate, weight_decay, warmup_epochs, min_lr_ratio, clipnorm, use_ema:
+            AdamW with linear warmup + cosine decay (training/optimizers.py).
+        backbone_lr_factor, head_lr_factor: discriminative LRs (None: one group).
+        freeze_backbone_epochs: N > 0 trains the head alone for N epochs, then all
+            layers at `learning_rate * finetune_lr_factor` with a fresh optimizer.
+        monitor, mode: metric for best checkpoint and early stopping ("val_qwk",
+            "val_macro_f1", "val_auc", "val_loss", ...); mode "auto": min for losses.
+        early_stopping_patience: epochs without improvement before stopping (0: off;
+            counted within the last stage).
+        checkpoint_every_epochs: also keep `epoch_NNN.weights.h5` every N epochs (0: off).
+        seed, deterministic: seed init/augmentation; deterministic adds TF op determinism.
+        precision: float32 | mixed_float16 | mixed_bfloat16 | auto (by backend/device).
+        jit_compile: XLA-compile the train step (off under op determinism).
+        steps_per_epoch: None -> one pass over the train split.
+        bn_recalibration_batches: N > 0 re-estimates BatchNorm statistics on N fixed
+            training batches before each validation ("precise BN", callbacks.py);
+            worth it in short runs, where Keras' BN momentum 0.99 lags.
+        tensorboard: write TensorBoard logs (scalars, input grid, confusion matrix).
+    """
+    t_start = time.time()
+    info = load_dataset_info(data_dir)
+    task = task or info["task"]
+    mode = _resolve_mode(monitor, mode)
+    summary_path = os.path.join(workdir, "training_summary.json")
+    if resume and os.path.exists(summary_path) and not os.path.isdir(_backup_root(workdir)):
+        logging.info("%s already finished training; nothing to resume.", workdir)
+        with open(summary_path) as f:
+            return json.load(f)
+    resumed = _prepare_workdir(workdir, data_dir, resume)
+    jit_compile = _seed_everything(seed, deterministic, jit_compile)
+    previous_policy = _set_precision(precision)
+    try:
+        train_ds, val_ds, steps = _build_datasets(
+            data_dir, info, task, image_size, batch_size, seed, deterministic, steps_per_epoch)
+        net = _build_model(model, task, info["num_classes"], image_size, weights, dropout, head)
+        head = _head_of(task, head)
+        loss_fn = _build_loss(loss, task, head, info, loss_kwargs, pos_weight, pos_weight_clamp)
+        fit_kw = dict(steps_per_epoch=steps, verbose=verbose,
+                      class_weight=_class_weights(class_weight, task, info))
+        opt_kw = dict(learning_rate=learning_rate, weight_decay=weight_decay,
+                      min_lr_ratio=min_lr_ratio, backbone_lr_factor=backbone_lr_factor,
+                      head_lr_factor=head_lr_factor, use_ema=use_ema, clipnorm=clipnorm,
+                      ema_overwrite_frequency=steps)
+        best = cb.BestCheckpoint(os.path.join(workdir, "checkpoints"), monitor, mode,
+                                 checkpoint_every_epochs)
+        throughput, nan_guard = cb.Throughput(batch_size), cb.TerminateOnNaN()
+        run_cbs = [throughput, nan_guard]  # shared by all stages
+        first = _first_batches(train_ds, max(1, bn_recalibration_batches))
+        if bn_recalibration_batches:
+            run_cbs.append(cb.PreciseBatchNorm([images for images, _ in first]))
+        if tensorboard:
+            _log_input_grid(workdir, *first[0])
+        for stage in plan_stages(epochs, freeze_backbone_epochs, finetune_lr_factor):
+            _compile_stage(net, stage, task, info, head, loss_fn, steps, warmup_epochs,
+                           jit_compile, opt_kw)
+            stage_cbs = run_cbs + _stage_callbacks(
+                workdir, stage, best, early_stopping_patience if stage.end == epochs else 0,
+                info if tensorboard else None, val_ds, head, resumed or stage.index > 0,
+                backbone_lr_factor)
+            net._initial_epoch = None  # else a previous stage's BackupAndRestore epoch wins
+            net.fit(train_ds, validation_data=val_ds, epochs=stage.end,
+                    initial_epoch=stage.start, callbacks=stage_cbs, **fit_kw)
+            if nan_guard.triggered:
+                break
+        summary = _write_artifacts(workdir, net, best, throughput, t_start, resumed,
+                                   nan_guard.triggered,
+                                   dict(task=task, head=head, precision=precision,
+                                        jit_compile=bool(net.jit_compile)))
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    return summary
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def load_dataset_info(data_dir: str) -> dict:
+    """dataset.json of a prepared data dir (schema in docs/ARCHITECTURE.md)."""
+    path = os.path.join(data_dir, "dataset.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} not found. Prepare data first, e.g. `make demo`, or:\n"
+            "  python -m input_pipeline.synthetic --out_dir=demo_data/raw --num_images=800 "
+            "--image_size=256 --seed=0\n"
+            "  python -m input_pipeline.prepare --labels_csv=demo_data/raw/labels.csv "
+            "--images_dir=demo_data/raw --out_dir=demo_data/prepared --task=dr_grade "
+            "--label_column=dr_grade --image_size=128 --num_shards=4 --workers=2")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _build_datasets(data_dir, info, task, image_size, batch_size, seed, deterministic,
+                    steps_per_epoch):
+    """(train tf.data (repeats), val tf.data (one pass), train steps per epoch).
+
+    Augmentation is `AugmentConfig()`, caching/sampling are `make_dataset` arguments:
+    bind them in gin (`AugmentConfig.hue = 0.0`, `make_dataset.cache = "auto"`).
+    """
+    common = dict(batch_size=batch_size, image_size=image_size, task=task,
+                  num_classes=info["num_classes"], seed=seed, deterministic=deterministic)
+    _check_shadowed_bindings(pipeline.make_dataset, ("file_pattern", "training", *common))
+    train_ds = pipeline.make_dataset(os.path.join(data_dir, "train-*.tfrecord"),
+                                     training=True, **common)
+    val_ds = pipeline.make_dataset(os.path.join(data_dir, "val-*.tfrecord"), training=False,
+                                   **common)
+    # A known length spares Keras the "input ran out of data" warning after each validation.
+    val_batches = math.ceil(info["splits"]["val"]["num_examples"] / batch_size)
+    val_ds = val_ds.apply(tf.data.experimental.assert_cardinality(val_batches))
+    if steps_per_epoch is None:
+        n = int(train_ds.cardinality())
+        steps_per_epoch = n if n > 0 else max(1, info["splits"]["train"]["num_examples"]
+                                              // batch_size)
+    return train_ds, val_ds, int(steps_per_epoch)
+
+
+def _class_weights(class_weight, task, info) -> dict | None:
+    """{class: n / (K * count)} from train class_counts ("balanced"), or None."""
+    if class_weight is None:
+        return None
+    if class_weight != "balanced":
+        raise ValueError(f"class_weight must be 'balanced' or None, got {class_weight!r}")
+    if task == "multilabel":
+        raise ValueError("class_weight does not apply to multilabel; use pos_weight=True")
+    counts = np.asarray(info["splits"]["train"]["class_counts"], float)
+    weights = counts.sum() / (len(counts) * np.maximum(counts, 1.0))
+    return {i: float(w) for i, w in enumerate(weights)}
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _head_of(task: str, head: str | None) -> str:
+    return heads.check_head(task, head)
+
+
+def _check_shadowed_bindings(fn, explicit) -> None:
+    """Raises if gin binds an argument of `fn` that the code passes explicitly (ignored)."""
+    shadowed = sorted(set(gin.get_bindings(fn)) & set(explicit))
+    if shadowed:
+        name = fn.__name__
+        raise ValueError(f"gin binds {name}.{shadowed}, which train() passes explicitly and "
+                         f"would silently ignore; bind train.<arg> instead.")
+
+
+def _build_model(name, task, num_classes, image_size, weights, dropout, head) -> keras.Model:
+    _check_shadowed_bindings(models.build_model, _MODEL_ARGS)
+    net = models.build_model(name, task, num_classes, image_size, weights=weights,
+                             dropout=dropout, head=head)
+    net.build((None, image_size, image_size, 3))  # BackupAndRestore needs a built model
+    return net
+
+
+def _build_loss(loss, task, head, info, loss_kwargs, pos_weight, clamp):
+    kwargs = dict(loss_kwargs or {})
+    if pos_weight:
+        split = info["splits"]["train"]
+        counts = split["class_counts"]
+        positives = counts[1:2] if task == "binary" else counts
+        kwargs["pos_weight"] = [float(w) for w in np.ravel(losses.pos_weight_from_counts(
+            split["num_examples"], np.asarray(positives, float), clamp))]
+    return losses.get_loss(loss, task, head, **kwargs)
+
+
+def plan_stages(epochs: int, freeze_backbone_epochs: int, finetune_lr_factor: float) -> list:
+    """[Stage]: one stage, or frozen-backbone epochs then the rest at a lower LR."""
+    n = min(max(0, freeze_backbone_epochs), epochs)
+    if n == 0:
+        return [Stage(0, 0, epochs, True, 1.0)]
+    stages = [Stage(0, 0, n, False, 1.0)]
+    if epochs > n:
+        stages.append(Stage(1, n, epochs, True, finetune_lr_factor))
+    return stages
+
+
+def _compile_stage(net, stage, task, info, head, loss_fn, steps, warmup_epochs, jit_compile,
+                   opt_kw) -> None:
+    """Sets the backbone's trainable flag and compiles with a fresh optimizer."""
+    try:
+        net.get_layer("backbone").trainable = stage.train_backbone
+    except ValueError:
+        if not stage.train_backbone:
+            raise
+    opt = optimizers.build_optimizer(
+        net, total_steps=steps * (stage.end - stage.start),
+        warmup_steps=int(round(warmup_epochs * steps)),
+        **{**opt_kw, "learning_rate": opt_kw["learning_rate"] * stage.lr_factor})
+    net.compile(optimizer=opt, loss=loss_fn,
+                metrics=metrics.get_metrics(task, info["num_classes"], head),
+                jit_compile=jit_compile)
+    logging.info("Stage %d: epochs %d-%d, backbone %s, %d trainable tensors, groups %s",
+                 stage.index, stage.start + 1, stage.end,
+                 "trained" if stage.train_backbone else "frozen",
+                 len(net.trainable_variables), list(optimizers.sub_optimizers(opt)))
+
+
+# ----------------------------------------------------------------------------- run setup
+
+
+def _resolve_mode(monitor: str, mode: str) -> str:
+    if mode == "auto":
+        return "min" if monitor.endswith("loss") else "max"
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min', 'max' or 'auto', got {mode!r}")
+    return mode
+
+
+def _backup_root(workdir: str) -> str:
+    return os.path.join(workdir, "backup")
+
+
+def _prepare_workdir(workdir: str, data_dir: str, resume: bool) -> bool:
+    """Creates the workdir; refuses a non-empty one without resume. Returns "resumed"."""
+    if os.path.isdir(workdir) and os.listdir(workdir) and not resume:
+        raise FileExistsError(
+            f"workdir {workdir} is not empty: pass --resume to continue that run, "
+            "or choose another --workdir.")
+    resumed = resume and os.path.isdir(_backup_root(workdir))
+    if resume and not resumed:
+        logging.warning("--resume: no backup in %s, starting from scratch.", workdir)
+    if resumed:
+        _trim_history(workdir)
+    os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+    shutil.copyfile(os.path.join(data_dir, "dataset.json"), os.path.join(workdir, "dataset.json"))
+    cb.write_text_atomic(os.path.join(workdir, "config.gin"), gin.config_str())
+    return resumed
+
+
+def _trim_history(workdir: str) -> None:
+    """Drops history.csv rows of epochs the backup doesn't hold (they will be re-run)."""
+    done = 0
+    root = _backup_root(workdir)
+    for stage_dir in os.listdir(root):
+        meta = os.path.join(root, stage_dir, "training_metadata.json")
+        if os.path.exists(meta):
+            with open(meta) as f:
+                done = max(done, int(json.load(f)["epoch"]))
+    path = os.path.join(workdir, "history.csv")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = lines[:1] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) < done]
+    if len(keep) < len(lines):
+        logging.info("Resuming after epoch %d: dropping %d history rows.", done,
+                     len(lines) - len(keep))
+        cb.write_text_atomic(path, "".join(keep))
+    logging.info("Resuming from the backup of epoch %d.", done)
+
+
+def _seed_everything(seed: int, deterministic: bool, jit_compile: bool) -> bool:
+    """Seeds Python/NumPy/backend RNGs; returns the jit_compile to use."""
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+        if jit_compile:
+            # Keras would override jit_compile=True anyway, with a misleading warning.
+            logging.warning("deterministic=True: TF op determinism disables XLA "
+                            "(jit_compile=False).")
+        return False
+    return jit_compile
+
+
+def _set_precision(precision: str) -> str:
+    """Sets the global dtype policy BEFORE any model is built; returns the previous one."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    previous = keras.mixed_precision.global_policy().name
+    if precision == "auto":
+        precision = _auto_precision()
+    keras.mixed_precision.set_global_policy(precision)
+    logging.info("dtype policy: %s", precision)
+    return previous
+
+
+def _auto_precision() -> str:
+    """mixed_float16 for TF on GPU; mixed_bfloat16 for JAX on GPU/TPU; float32 on CPU."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow" and tf.config.list_physical_devices("GPU"):
+        return "mixed_float16"
+    if backend == "jax":
+        import jax
+
+        if jax.default_backend() in ("gpu", "tpu"):
+            return "mixed_bfloat16"
+    return "float32"
+
+
+def _stage_callbacks(workdir, stage, best, patience, tb_info, val_ds, head, append,
+                     backbone_lr_factor) -> list:
+    """Callbacks of one stage; order matters: state is persisted before the backup."""
+    tb_dir = os.path.join(workdir, "tensorboard")
+    out = [cb.LearningRateLogger(optimizers.group_names(backbone_lr_factor)), best]
+    if patience:
+        out.append(cb.ResumableEarlyStopping(best, stage.start, patience=int(patience)))
+    # history.csv before the backup: a crash in between leaves a row that
+    # `_trim_history` drops on resume, rather than a missing row.
+    out.append(keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=append))
+    out.append(cb.SafeBackupAndRestore(
+        os.path.join(_backup_root(workdir), f"stage_{stage.index}"), delete_checkpoint=False))
+    out.append(cb.OperativeConfigWriter(os.path.join(workdir, "operative_config.gin")))
+    if tb_info:
+        out.append(keras.callbacks.TensorBoard(tb_dir, write_graph=False, profile_batch=0))
+        if tb_info["task"] != "multilabel" and head is not None:
+            out.append(cb.ConfusionMatrixImage(val_ds, _decoder(head), tb_info["class_names"],
+                                               tb_dir))
+    hang = os.environ.get(cb.HANG_ENV)
+    if hang is not None:
+        out.append(cb.HangForTesting(int(hang), os.path.join(workdir, "hanging")))
+    return out
+
+
+def _decoder(head: str):
+    return lambda logits: heads.decode(logits, head)
+
+
+def _first_batches(train_ds, n: int) -> list:
+    """The first n augmented training batches as numpy (images, labels) pairs."""
+    return [(x.numpy(), y.numpy()) for x, y in train_ds.take(n)]
+
+
+def _log_input_grid(workdir: str, images, labels) -> None:
+    """A grid of augmented training inputs -> TensorBoard (images: train/augmented_inputs)."""
+    try:
+        from input_pipeline import inspect as inspect_lib
+    except ImportError:  # inspect.py is optional for training: skip the grid, say so
+        logging.warning("input_pipeline.inspect not available: no input grid in TensorBoard.")
+        return
+    grid = inspect_lib.make_grid(images, labels)
+    cb.log_image(os.path.join(workdir, "tensorboard"), "train/augmented_inputs", grid)
+
+
+# ----------------------------------------------------------------------------- artefacts
+
+
+def _read_history(workdir: str) -> list[dict]:
+    import csv
+
+    path = os.path.join(workdir, "history.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _write_artifacts(workdir, net, best, throughput, t_start, resumed, nan, extra) -> dict:
+    """Best weights -> model.keras; training_summary.json; removes the backup."""
+    iterations = optimizers.group_iterations(net.optimizer)  # before best.weights.h5 resets them
+    if os.path.exists(best.best_path):
+        cb.load_weights_model_only(net, best.best_path)
+    tmp = os.path.join(workdir, "model.tmp.keras")
+    net.save(tmp)
+    os.replace(tmp, os.path.join(workdir, "model.keras"))
+    rows = _read_history(workdir)
+    summary = {
+        "monitor": best.monitor, "mode": best.mode,
+        "best_epoch": best.state["best_epoch"], "best_metric": best.state["best"],
+        "final_metrics": {k: float(v) for k, v in (rows[-1] if rows else {}).items()
+                          if k not in ("epoch", None)},
+        "epochs_run": len(rows), "resumed": bool(resumed), "terminated_on_nan": bool(nan),
+        "wall_time_s": round(time.time() - t_start, 2),
+        "images_per_s": round(throughput.images_per_second, 2),
+        "optimizer_iterations": iterations,
+        **extra,
+    }
+    cb.write_json_atomic(os.path.join(workdir, "training_summary.json"), summary)
+    if not nan:  # a NaN run keeps its backup: the last good epoch can still be resumed
+        shutil.rmtree(_backup_root(workdir), ignore_errors=True)
+    return summary
+
+
+# ----------------------------------------------------------------------------- rebuild
+
+
+def resolved_train_config() -> dict:
+    """train()'s arguments as currently bound in gin, defaults filled in."""
+    params = inspect.signature(train).parameters
+    config = {k: p.default for k, p in params.items()
+              if p.default is not inspect.Parameter.empty and k != "resume"}
+    config.update(gin.get_bindings(train))
+    return config
+
+
+def build_from_config(workdir: str, load_weights: bool = True):
+    """Rebuilds the trained model from `workdir` (float32) and loads best weights.
+
+    Parses `workdir/operative_config.gin` (this replaces the current gin config),
+    so `models.build_model` bindings apply exactly as in training.
+
+    Returns:
+        (keras.Model with best weights, dataset_info dict from workdir/dataset.json,
+         config dict: train()'s resolved arguments with "task", "head", "num_classes").
+    """
+    with gin.unlock_config():
+        gin.clear_config()
+        gin.parse_config_file(os.path.join(workdir, "operative_config.gin"), skip_unknown=True)
+    config = resolved_train_config()
+    with open(os.path.join(workdir, "dataset.json")) as f:
+        info = json.load(f)
+    config["task"] = config["task"] or info["task"]
+    config["head"] = _head_of(config["task"], config["head"])
+    config["num_classes"] = info["num_classes"]
+    previous = keras.mixed_precision.global_policy().name
+    keras.mixed_precision.set_global_policy("float32")  # export/eval: float32 (PITFALLS 8)
+    try:
+        net = _build_model(config["model"], config["task"], info["num_classes"],
+                           config["image_size"], None, config["dropout"], config["head"])
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    if load_weights:
+        net.load_weights(os.path.join(workdir, "checkpoints", "best.weights.h5"))
+    return net, info, config
