@@ -116,16 +116,6 @@ def _round_uint8(x: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
 
 
-def _percentile(x: tf.Tensor, q: float) -> tf.Tensor:
-    """The q-th percentile of a float32 tensor, linear interpolation (numpy's default)."""
-    flat = tf.sort(tf.reshape(x, [-1]))
-    pos = q / 100.0 * tf.cast(tf.size(flat) - 1, tf.float32)
-    lo = tf.cast(tf.floor(pos), tf.int32)
-    hi = tf.minimum(lo + 1, tf.size(flat) - 1)
-    frac = pos - tf.floor(pos)
-    return flat[lo] + frac * (flat[hi] - flat[lo])
-
-
 def _detection_image(image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Median-filtered max-channel float32 [h, w] (long side <= DETECT_MAX_SIDE), and scale."""
     shape = tf.shape(image)
@@ -150,14 +140,36 @@ def _replicate_pad(x: tf.Tensor, pad: int) -> tf.Tensor:
 
 
 def median_blur(gray: tf.Tensor, size: int) -> tf.Tensor:
-    """Median over size x size windows of float32 [H, W], edges replicated (cv2.medianBlur).
+    """Median over size x size windows of float32 [H, W] integer levels 0..255, edges
+    replicated: `cv2.medianBlur` on uint8.
 
-    A median removes sensor and JPEG noise without moving the rim outwards.
+    Sorting 25 values per pixel is slow in TF; instead the median's 8 bits are
+    found one at a time (a binary search per pixel): the median is the smallest
+    level v with at least size^2 // 2 + 1 window values <= v.
     """
-    x = _replicate_pad(gray, size // 2)[None, :, :, None]
-    patches = tf.image.extract_patches(x, [1, size, size, 1], [1, 1, 1, 1], [1, 1, 1, 1],
-                                       "VALID")[0]
-    return tf.math.top_k(patches, k=size * size // 2 + 1, sorted=True).values[..., -1]
+    h, w = tf.shape(gray)[0], tf.shape(gray)[1]
+    padded = _replicate_pad(tf.cast(gray, tf.uint8), size // 2)
+    window = tf.stack([padded[i:i + h, j:j + w] for i in range(size) for j in range(size)])
+    rank = size * size // 2 + 1
+    median = tf.zeros([h, w], tf.int32)
+    for bit in range(7, -1, -1):
+        trial = median + (1 << bit)
+        # How many window values are < trial, i.e. <= trial - 1.
+        below = tf.reduce_sum(tf.cast(window < tf.cast(trial, tf.uint8)[None], tf.int32), 0)
+        median = tf.where(below < rank, trial, median)
+    return tf.cast(median, tf.float32)
+
+
+def _histogram_percentile(hist: tf.Tensor, q: float) -> tf.Tensor:
+    """np.percentile (linear) of integer levels from their histogram, float64 [256] counts."""
+    cum = tf.cumsum(hist)
+    pos = q / 100.0 * (cum[-1] - 1)
+    lo = tf.floor(pos)
+
+    def sorted_at(k):  # the k-th smallest value: how many levels have cum <= k
+        return tf.reduce_sum(tf.cast(cum <= k, tf.float64))
+
+    return sorted_at(lo) + (pos - lo) * (sorted_at(lo + 1) - sorted_at(lo))
 
 
 def field_mask(gray: tf.Tensor) -> tf.Tensor:
@@ -168,9 +180,9 @@ def field_mask(gray: tf.Tensor) -> tf.Tensor:
     and the threshold sits just above it (dark fields are only a few grey
     levels above a black border, so a fraction of the brightness would lose them).
     """
-    levels = tf.cast(gray, tf.int32)
-    hist = tf.cast(tf.math.bincount(levels, minlength=256, maxlength=256), tf.float64)
-    p10 = tf.cast(tf.floor(_percentile(gray, 10.0)), tf.int32)
+    hist = tf.cast(tf.math.bincount(tf.cast(gray, tf.int32), minlength=256, maxlength=256),
+                   tf.float64)
+    p10 = tf.cast(tf.floor(_histogram_percentile(hist, 10.0)), tf.int32)
     bg = tf.cast(tf.argmax(hist[:p10 + 1]), tf.int32)
     below = hist[:bg + 1]
     offsets = tf.cast(tf.range(bg + 1) - bg, tf.float64)
@@ -189,12 +201,11 @@ def _extremes(mask: tf.Tensor, axis: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tens
 
 
 def _boundary_points(mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Outline of the foreground: every pixel's (x, y), float64 [h * w, 2], and bool [h * w].
+    """Outline of the foreground: float64 [N, 2] (x, y) points and bool [N] (all True).
 
     A pixel is on the outline when it is foreground with a background
     4-neighbour (the pixels `cv2.findContours` traces); pixels within 1 px of
-    the frame are left out. Fixed-size points with a validity flag keep the
-    fit in static shapes.
+    the frame are left out.
     """
     h, w = tf.shape(mask)[0], tf.shape(mask)[1]
     m = tf.pad(tf.cast(mask, tf.int32), [[1, 1], [1, 1]])
@@ -203,8 +214,9 @@ def _boundary_points(mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     outline = mask & (eroded == 0)
     yy, xx = tf.meshgrid(tf.range(h), tf.range(w), indexing="ij")
     outline &= (xx > 1) & (xx < w - 2) & (yy > 1) & (yy < h - 2)
-    points = tf.cast(tf.stack([tf.reshape(xx, [-1]), tf.reshape(yy, [-1])], 1), tf.float64)
-    return points, tf.reshape(outline, [-1])
+    yx = tf.where(outline)  # int64 [N, 2] (row, column)
+    points = tf.cast(tf.reverse(yx, [1]), tf.float64)
+    return points, tf.ones([tf.shape(points)[0]], tf.bool)
 
 
 def _fit_circle(points: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
