@@ -1,22 +1,28 @@
 """input_pipeline.serving: the TF-graph twin of prepare's crop/resize/Ben Graham."""
 
+import cv2
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from input_pipeline import preprocessing, serving
+from input_pipeline import preprocessing, serving, synthetic
 from tests.serving_helpers import encode, synthetic_fundus
 
 SIZE = 128
 
-# name -> (height, width, radius, centre, brightness). Centres sit off the
-# half-pixel grid: a crop corner exactly at x.5 rounds either way, and a 1 px
-# shift of a noisy synthetic texture alone costs ~2 grey levels.
+# Centres sit off the half-pixel grid: a crop corner exactly at x.5 rounds
+# either way, and a 1 px shift of a noisy texture alone costs ~2 grey levels.
 CASES = {
-    "square": (300, 300, 135, (148.3, 151.2), 1.0),
-    "wide_3x2": (300, 450, 140, (230.2, 149.7), 1.0),
-    "clipped_by_frame": (260, 390, 150, (193.7, 129.2), 1.0),
-    "dark": (300, 450, 135, (224.2, 149.1), 0.15),
+    "square": lambda: synthetic_fundus(300, 300, radius=135, centre=(148.3, 151.2)),
+    "wide_3x2": lambda: synthetic_fundus(300, 450, radius=140, centre=(230.2, 149.7)),
+    "clipped_by_frame": lambda: synthetic_fundus(260, 390, radius=150, centre=(193.7, 129.2)),
+    "dark": lambda: synthetic_fundus(300, 450, radius=135, centre=(224.2, 149.1),
+                                     brightness=0.15),
+    # The project's own generator: vessels, disc, lesions, vignetting.
+    "rendered_wide_clipped": lambda: synthetic.render_fundus(
+        np.random.default_rng(0), 300, wide=True, clipped=True),
+    "rendered_wide_dark": lambda: synthetic.render_fundus(
+        np.random.default_rng(1), 300, wide=True, brightness=0.35),
 }
 
 
@@ -32,9 +38,8 @@ def _numpy_path(tmp_path, data: bytes, suffix: str, **config):
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])
 def test_prepare_image_matches_numpy_path(tmp_path, name, suffix):
-    h, w, r, centre, brightness = CASES[name]
-    data = encode(synthetic_fundus(h, w, radius=r, centre=centre, brightness=brightness),
-                  suffix)
+    data = encode(CASES[name](), suffix)
+    h = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).shape[0]
     want, circle = _numpy_path(tmp_path, data, suffix)
     image = serving.decode(tf.constant(data), SIZE)
     scale = h / image.shape[0]  # JPEGs decode at 1/2 here, as prepare decodes them
@@ -59,13 +64,18 @@ def test_ben_graham_matches_numpy_path(tmp_path):
 
 
 def test_gaussian_blur_matches_opencv():
-    import cv2
-
     img = np.random.default_rng(0).integers(0, 256, (40, 50, 3)).astype(np.float32)
     want = cv2.GaussianBlur(img, (0, 0), 2.0)
     got = serving.gaussian_blur(tf.constant(img), serving.gaussian_kernel(2.0)).numpy()
     # OpenCV's float path uses 8 sigma + 1 taps; ours 6 sigma + 1 (its uint8 rule).
     np.testing.assert_allclose(got, want, atol=0.5)
+
+
+def test_median_blur_matches_opencv():
+    img = np.random.default_rng(0).integers(0, 256, (23, 31)).astype(np.uint8)
+    img[:, :5] = 0  # a flat border region too
+    got = serving.median_blur(tf.constant(img, tf.float32), 5).numpy()
+    np.testing.assert_array_equal(got, cv2.medianBlur(img, 5))
 
 
 def test_large_jpeg_uses_reduced_decode():
