@@ -1,0 +1,131 @@
+"""Grad-CAM (Selvaraju et al. 2017, arXiv:1610.02391) on the backbone's last conv feature map.
+
+Works for every registered backbone, including keras.applications trunks nested in the
+task model as the layer "backbone". Taking `backbone.output` (or one of its layers) next
+to `model.output` in one keras.Model fails in Keras 3 ("Output ... is not connected to
+inputs", the old "graph disconnected"). The construction that works (docs/PITFALLS s.4):
+a new Input -> the backbone (its output IS the last conv map, include_top=False) -> the
+task model's own "gap" and "logits" layers, so weights are shared; "dropout" is skipped
+(identity at inference).
+
+Gradients use tf.GradientTape, so Grad-CAM runs on the TensorFlow backend only
+(KERAS_BACKEND=tensorflow, the CPU/CI default); Keras 3 has no backend-neutral gradient.
+
+What is explained (the "score" whose gradient weights the feature channels):
+- target = k (default): logit column k. softmax: class k; sigmoid binary: k = 0 (the
+  positive class); multilabel: label k; coral: k = g - 1 is the cumulative logit of
+  "grade >= g"; corn: k = g - 1 is the conditional logit of "grade >= g | grade >= g - 1".
+- score_fn = expected_grade_score(head): E[grade] = sum_k k P(k), for any dr_grade head.
+"""
+
+import io
+import pathlib
+
+import keras
+import matplotlib
+import numpy as np
+from keras import ops
+from PIL import Image
+
+from models import heads
+
+_HEAD_LAYERS = ("backbone", "gap", "dropout", "logits")
+
+
+def cam_model(model: keras.Model) -> keras.Model:
+    """image [B, S, S, 3] in [0, 255] -> [conv map [B, h, w, C], logits [B, D]], sharing weights.
+
+    Raises ValueError if `model` is not image -> backbone -> gap -> dropout -> logits
+    (other layers would be silently skipped).
+    """
+    names = [layer.name for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    if names != list(_HEAD_LAYERS):
+        raise ValueError(f"Grad-CAM expects layers {_HEAD_LAYERS} after the input, got {names}")
+    image = keras.Input(model.input_shape[1:], dtype="float32", name="image")
+    conv = model.get_layer("backbone")(image)
+    logits = model.get_layer("logits")(model.get_layer("gap")(conv))
+    return keras.Model(image, [conv, logits], name="gradcam")
+
+
+def expected_grade_score(head: str):
+    """score_fn for ordinal heads: logits [B, D] -> E[grade] [B] (keras.ops, differentiable)."""
+    def score(logits):
+        probs = heads.probabilities(logits, head)
+        return ops.sum(probs * ops.arange(probs.shape[-1], dtype="float32"), axis=-1)
+    return score
+
+
+def gradcam(model: keras.Model, images, target=0, score_fn=None,
+            batch_size: int = 16) -> np.ndarray:
+    """Class-activation maps upsampled to the input size.
+
+    Args:
+        model: task model from models.build_model.
+        images: float [B, S, S, 3] pixels in [0, 255] (what the model takes).
+        target: logit column, int or int [B] (one per image); ignored with score_fn.
+        score_fn: optional logits [B, D] -> score [B] to explain instead (e.g.
+            `expected_grade_score(head)`).
+        batch_size: images per gradient pass.
+
+    Returns:
+        float32 [B, S, S] in [0, 1]: ReLU(sum_c w_c A_c), w_c = spatial mean of
+        d score / d A_c, bilinearly resized to S x S, divided by its per-image max
+        (all zeros where the map is zero everywhere).
+    """
+    import tensorflow as tf  # Grad-CAM needs GradientTape (see module docstring)
+
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError("Grad-CAM runs on the TensorFlow backend; set KERAS_BACKEND=tensorflow")
+    images = np.asarray(images, np.float32)
+    targets = np.broadcast_to(np.asarray(target, np.int32), (len(images),))
+    net = cam_model(model)
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = tf.constant(images[start:start + batch_size])
+        t = tf.constant(targets[start:start + batch_size])
+        with tf.GradientTape() as tape:
+            # Watch the pixels so every op up to the conv map is recorded even when no
+            # trainable variable precedes it (a frozen backbone has none).
+            tape.watch(x)
+            conv, logits = net(x, training=False)
+            score = score_fn(logits) if score_fn else tf.gather(logits, t, axis=1, batch_dims=1)
+            # Images are independent at inference, so d(sum)/dA_i = d score_i / dA_i.
+            total = tf.reduce_sum(score)
+        grads = tape.gradient(total, conv)
+        weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+        cam = tf.nn.relu(tf.reduce_sum(weights * conv, axis=-1))[..., None]
+        cam = tf.image.resize(cam, images.shape[1:3], method="bilinear")[..., 0]
+        peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
+        out.append(tf.math.divide_no_nan(cam, peak).numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def overlay(image, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """Jet-coloured CAM blended over the image.
+
+    Args:
+        image: [S, S, 3] RGB, uint8 or float in [0, 255].
+        cam: float [S, S] in [0, 1].
+        alpha: weight of the heat map.
+
+    Returns:
+        uint8 RGB [S, S, 3].
+    """
+    heat = matplotlib.colormaps["jet"](np.clip(cam, 0, 1))[..., :3] * 255.0
+    blend = (1 - alpha) * np.asarray(image, np.float32) + alpha * heat
+    return np.clip(np.round(blend), 0, 255).astype(np.uint8)
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 RGB [H, W, 3] image."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(rgb, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png(path, rgb: np.ndarray) -> pathlib.Path:
+    """Writes a uint8 RGB [H, W, 3] image as PNG; returns the path."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_png(rgb))
+    return path
