@@ -16,8 +16,9 @@ would run in the training step and keep it from being XLA-compiled.
 3. colour jitter (brightness, saturation, hue, contrast: one fused 3x3 matrix
    product) and sharpness (one 3x3 convolution);
 4. RandAugment's colour ops; 5. Gaussian blur; 6. random erasing;
-7. fundus mask: zero outside the inscribed circle (radius `field_radius * S / 2`),
-   so rotated square edges and black corners never come into view.
+7. fundus mask: zero outside the inscribed circle (radius `field_radius * S / 2`)
+   and outside the transformed input circle, so rotated square edges, black
+   corners and lifted background never come into view.
 
 Which ops exist in the graph is decided in Python from `AugmentConfig`, so a
 disabled op costs nothing. Each op draws from its own seed slot (split from the
@@ -64,6 +65,11 @@ class AugmentConfig:
     erase_area: tuple[float, float] = (0.02, 0.1)  # ... of this fraction of the image.
     randaugment_layers: int = 0  # RandAugment N (0: off).
     randaugment_magnitude: float = 9.0  # RandAugment M on the usual 0..10 scale.
+    # Op names from RANDAUGMENT_OPS; solarize is left out by default: an inverted
+    # fundus is no photo the model will ever see.
+    randaugment_ops: tuple[str, ...] = ("identity", "autocontrast", "brightness", "contrast",
+                                        "color", "hue", "sharpness", "posterize", "rotate",
+                                        "shear", "translate_x", "translate_y")
     fundus_aware: bool = True  # keep the circular field: mask + restricted zoom/shift.
     field_radius: float = 0.98  # mask radius as a fraction of S/2.
 
@@ -191,15 +197,35 @@ def _circle_mask(height: int, width: int, radius: float) -> np.ndarray:
     return inside.astype(np.float32)[..., None]
 
 
-def fundus_mask(image: tf.Tensor, radius: float = 0.98) -> tf.Tensor:
-    """Zeroes every pixel outside the inscribed circle of radius `radius * min(H, W) / 2`.
+def fundus_mask(image: tf.Tensor, radius: float = 0.98, matrix: tf.Tensor | None = None
+                ) -> tf.Tensor:
+    """Zeroes every pixel outside the fundus field.
 
-    Needs a static height and width (true after `preprocess`).
+    The field is the output's inscribed circle (radius `radius * min(H, W) / 2`)
+    intersected, when the forward `matrix` of a geometric transform is given, with
+    the image of the input's inscribed circle under it. So a zoomed-out, rotated
+    square photo shows no rotated edges, and colour ops that lifted the black
+    background (contrast, solarize) do not leave a grey ring. Needs a static
+    height and width (true after `preprocess`).
     """
     height, width = image.shape[0], image.shape[1]
     if height is None or width is None:
         raise ValueError("fundus_mask needs a static image size")
-    return image * tf.constant(_circle_mask(height, width, radius))
+    mask = tf.constant(_circle_mask(height, width, radius))
+    if matrix is not None:
+        mask = mask * _transformed_circle_mask(height, width, radius, matrix)
+    return image * mask
+
+
+def _transformed_circle_mask(height: int, width: int, radius: float, matrix) -> tf.Tensor:
+    """float32 [H, W, 1]: 1 where the inverse of `matrix` lands inside the inscribed circle."""
+    inverse = tf.linalg.inv(matrix)
+    y, x = np.mgrid[:height, :width].astype(np.float32)
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    qx = inverse[0, 0] * x + inverse[0, 1] * y + inverse[0, 2] - cx
+    qy = inverse[1, 0] * x + inverse[1, 1] * y + inverse[1, 2] - cy
+    r = radius * min(height, width) / 2.0
+    return tf.cast(qx * qx + qy * qy <= r * r, tf.float32)[..., None]
 
 
 # ------------------------------------------------------------------------- colour ops
@@ -476,12 +502,13 @@ def augment(image: tf.Tensor, config: AugmentConfig, seed) -> tf.Tensor:
     seeds = dict(zip(_SLOTS, tf.unstack(
             tf.random.experimental.stateless_split(seed, len(_SLOTS))), strict=True))
     c = config
-    ra_ops = tuple(n for n in RANDAUGMENT_OPS  # fundus-aware: +-30 % shifts lose the field
+    ra_ops = tuple(n for n in c.randaugment_ops  # fundus-aware: +-30 % shifts lose the field
                    if not (c.fundus_aware and n.startswith("translate")))
     if c.randaugment_layers:
         ra = randaugment_draw(seeds["randaugment"], c.randaugment_layers, len(ra_ops))
     # Geometry first: pointwise colour ops then change the black fill uniformly, so
     # no rotated square edge shows up after e.g. a contrast decrease.
+    matrix = None
     if c.geometric():
         matrix = random_affine_matrix(image, c, seeds["affine"])
         if c.randaugment_layers:
@@ -503,5 +530,5 @@ def augment(image: tf.Tensor, config: AugmentConfig, seed) -> tf.Tensor:
     if c.erase_prob:
         image = random_erasing(image, seeds["erase"], c.erase_prob, c.erase_area)
     if c.fundus_aware:
-        image = fundus_mask(image, c.field_radius)
+        image = fundus_mask(image, c.field_radius, matrix)
     return image

@@ -190,3 +190,17 @@ def test_augment_config_is_gin_configurable():
     finally:
         gin.clear_config()
     assert aug.AugmentConfig().hue == 0.02
+
+
+def test_fundus_mask_follows_the_transformed_field():
+    # A photo filling the whole square, zoomed out to 0.7 and turned 45 degrees:
+    # without the transformed-circle mask the rotated square's edges would show.
+    square = tf.fill([64, 64, 3], 200.0)
+    config = aug.AugmentConfig(scale_range=(0.7, 0.7), rotation_degrees=45, translate=0,
+                               brightness=0, contrast=0, saturation=0, hue=0)
+    out = aug.augment(square, config, _seed(1)).numpy()
+    field = out[..., 0] > 0
+    assert field.sum() == pytest.approx(math.pi * (0.7 * 0.98 * 32) ** 2, rel=0.02)
+    y, x = np.nonzero(field)
+    radius = np.sqrt((x - 31.5) ** 2 + (y - 31.5) ** 2)
+    assert radius.max() <= 0.7 * 0.98 * 32 + 1  # a disc, not a rotated square

@@ -168,3 +168,22 @@ def test_preprocess_image_contract():
     assert set(f) == {"image", "label"}
     np.testing.assert_allclose(f["image"].numpy(), _reference(_encode(_image(0), ".png"), 20),
                                atol=1e-3)
+
+
+def test_make_grid_tiles_images_and_writes_labels():
+    from input_pipeline.inspect import _label_text, make_grid
+    images = np.zeros((5, 32, 32, 3), np.float32)
+    grid = make_grid(images, [0, 1, 2, 1, 0], class_names=["a", "b", "c"])
+    assert grid.shape == (64, 96, 3) and grid.dtype == np.uint8
+    assert grid[:16, :16].max() > 100  # the (antialiased) label text on the first tile
+    assert grid[32:, 64:].max() == 0  # the empty sixth cell
+    assert _label_text(np.array([0.0, 1.0, 1.0]), ["x", "y", "z"]) == "y,z"
+    assert _label_text(np.zeros(3)) == "-"
+
+
+def test_inspect_writes_a_grid_png(shards, tmp_path):
+    from input_pipeline.inspect import write_grid
+    out = tmp_path / "grid.png"
+    grid = write_grid(str(shards["dir"]), "train", 24, 6, str(out))
+    assert grid.shape == (48, 72, 3)
+    np.testing.assert_array_equal(cv2.cvtColor(cv2.imread(str(out)), cv2.COLOR_BGR2RGB), grid)
