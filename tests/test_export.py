@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from evaluation import exporting, thresholds
+from evaluation import exporting, metrics, thresholds
 from input_pipeline import serving
 from models import build_model, heads
 from tests.serving_helpers import encode, synthetic_fundus
@@ -44,18 +44,38 @@ def model() -> keras.Model:
 
 
 @pytest.fixture(scope="module")
-def spec(model, tmp_path_factory) -> exporting.ServingSpec:
-    path = tmp_path_factory.mktemp("eval") / "thresholds.json"
-    path.write_text(json.dumps({"task": "dr_grade", "head": "coral", "temperature": 1.5,
-                                "decision": RULE}))
-    return exporting.spec_from_dataset(model, DATASET, path)
+def workdir(model, tmp_path_factory) -> pathlib.Path:
+    """What train + evaluate leave behind: config, dataset.json, best weights, eval/."""
+    w = tmp_path_factory.mktemp("workdir")
+    (w / "operative_config.gin").write_text(
+        f"train.model = 'resnetv2_lite'\ntrain.image_size = {S}\ntrain.data_dir = '/data'\n")
+    (w / "dataset.json").write_text(json.dumps(DATASET))
+    (w / "checkpoints").mkdir()
+    model.save_weights(str(w / "checkpoints" / "best.weights.h5"))
+    (w / "eval").mkdir()
+    (w / "eval" / "thresholds.json").write_text(json.dumps(
+        {"task": "dr_grade", "head": "coral", "temperature": 1.5, "decision": RULE}))
+    rng = np.random.default_rng(0)
+    y, probs = rng.integers(0, 5, 40), rng.dirichlet(np.ones(5), 40)
+    test = metrics.compute_metrics("dr_grade", y, probs, probs.argmax(1), CLASSES, n_boot=20)
+    (w / "eval" / "metrics.json").write_text(json.dumps({"test": test}))
+    return w
 
 
 @pytest.fixture(scope="module")
-def exported(model, spec, tmp_path_factory) -> pathlib.Path:
+def spec(model, workdir) -> exporting.ServingSpec:
+    return exporting.spec_from_dataset(model, DATASET, workdir / "eval" / "thresholds.json")
+
+
+@pytest.fixture(scope="module")
+def exported(workdir, tmp_path_factory) -> pathlib.Path:
+    """export.py run as a user would, on the workdir."""
     base = tmp_path_factory.mktemp("export")
-    card = exporting.model_card(spec, DATASET, None)
-    return exporting.write_saved_model(model, spec, base, model_card=card)
+    done = subprocess.run([sys.executable, str(REPO / "export.py"), f"--workdir={workdir}",
+                           f"--export_dir={base}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return base / "1"
 
 
 def _in_memory(model, spec, images: list[bytes]) -> dict:
@@ -100,6 +120,7 @@ def test_version_layout_and_model_card(exported):
     assert meta["decision_output"] == "grade" and meta["class_names"] == list(CLASSES)
     card = (exported / "model_card.md").read_text()
     assert exporting.NOTICE in card and "ordinal_cutpoints" in card and "| train | 70 |" in card
+    assert "**test**: 40 images" in card and "| qwk |" in card  # metrics with intervals
     assert exporting.next_version(exported.parent) == 2
 
 
