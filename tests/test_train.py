@@ -204,3 +204,59 @@ def test_killed_run_resumes_at_the_right_epoch(tmp_path, data_dir):
     # Optimizer state came back: epoch 0's 8 steps + epoch 1's 8 after the resume
     # (a fresh optimizer would report 8).
     assert summary["optimizer_iterations"] == {"adamw": 2 * 8}
+
+
+# ----------------------------------------------------------------------------- unit tests
+
+
+def _tiny_model():
+    import keras
+
+    x = keras.Input((2,))
+    model = keras.Model(x, keras.layers.Dense(1)(x))
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
+def test_best_checkpoint_skips_nan_epochs_and_persists_state(tmp_path):
+    from training import callbacks as cb
+
+    model = _tiny_model()
+    ckpt = cb.BestCheckpoint(str(tmp_path), "val_qwk", "max", every_n_epochs=2)
+    ckpt.set_model(model)
+    ckpt.on_epoch_end(0, {"loss": 1.0, "val_qwk": 0.5})
+    good = [w.copy() for w in model.get_weights()]
+    stamp = os.path.getmtime(tmp_path / "best.weights.h5")
+    model.set_weights([np.full_like(w, np.nan) for w in good])
+    ckpt.on_epoch_end(1, {"loss": float("nan"), "val_qwk": 0.9})  # NaN: nothing written
+    assert os.path.getmtime(tmp_path / "best.weights.h5") == stamp
+    assert not (tmp_path / "epoch_002.weights.h5").exists()
+    model.set_weights(good)
+    ckpt.on_epoch_end(1, {"loss": 0.9, "val_qwk": 0.4})  # finite, not better
+    assert (tmp_path / "epoch_002.weights.h5").exists()
+    state = json.loads((tmp_path / "best.json").read_text())
+    assert state == {"monitor": "val_qwk", "mode": "max", "best": 0.5, "best_epoch": 1,
+                     "last_epoch": 2}
+    resumed = cb.BestCheckpoint(str(tmp_path), "val_qwk", "max")  # as after a restart
+    assert resumed.state["best"] == 0.5
+    stopper = cb.ResumableEarlyStopping(resumed, stage_start=0, patience=3)
+    stopper.set_model(model)
+    stopper.on_train_begin()
+    assert stopper.best == 0.5 and stopper.wait == 1
+
+
+def test_balanced_class_weights_and_pos_weight():
+    from training import experiment
+
+    info = {"splits": {"train": {"num_examples": 100, "class_counts": [80, 20]}}}
+    assert experiment._class_weights("balanced", "binary", info) == {0: 0.625, 1: 2.5}
+    assert experiment._class_weights(None, "binary", info) is None
+    with pytest.raises(ValueError, match="pos_weight"):
+        experiment._class_weights("balanced", "multilabel", info)
+    info = {"splits": {"train": {"num_examples": 100, "class_counts": [50, 1, 0]}}}
+    loss = experiment._build_loss(None, "multilabel", "sigmoid", info, None, True, 10.0)
+    y_true = np.array([[0, 1, 0]], "float32")
+    y_pred = np.array([[0.0, 0.0, 0.0]], "float32")
+    unweighted = experiment._build_loss(None, "multilabel", "sigmoid", info, None, False, 10.0)
+    # Only the positive label 1 (pos_weight clamp 10) is up-weighted: (1 + 10 + 1) / 3 = 4x.
+    assert float(loss(y_true, y_pred)) == pytest.approx(4 * float(unweighted(y_true, y_pred)))

@@ -294,8 +294,9 @@ class ConfusionMatrixImage(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         k = len(self.class_names)
         cm = np.zeros((k, k), np.int64)
-        for images, labels in self.val_ds:
-            pred = np.asarray(self.decode(np.asarray(self.model(images, training=False))))
+        for images, labels in self.val_ds:  # numpy in: also runs on the JAX backend
+            logits = self.model(images.numpy(), training=False)
+            pred = np.asarray(self.decode(keras.ops.convert_to_numpy(logits)))
             np.add.at(cm, (labels.numpy().astype(int).reshape(-1), pred.astype(int).reshape(-1)), 1)
         with self.writer.as_default():
             tf.summary.image("val/confusion_matrix", confusion_matrix_png(cm, self.class_names),
