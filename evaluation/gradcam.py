@@ -55,6 +55,24 @@ def expected_grade_score(head: str):
     return score
 
 
+def default_target(task: str, head: str, probs: np.ndarray, decisions: np.ndarray) -> dict:
+    """`gradcam` keyword arguments that explain each image's decision.
+
+    dr_grade: E[grade] for any head; binary sigmoid: the one (positive) logit; multilabel:
+    each image's most probable label; otherwise the decided class's logit.
+
+    Args:
+        probs: float [B, K] or [B, C]; decisions: int [B] or 0/1 [B, C].
+    """
+    if task == "dr_grade":
+        return {"score_fn": expected_grade_score(head)}
+    if task == "binary" and head == "sigmoid":
+        return {"target": 0}
+    if task == "multilabel":
+        return {"target": np.argmax(probs, axis=1).astype(np.int32)}
+    return {"target": np.asarray(decisions, np.int32)}
+
+
 def gradcam(model: keras.Model, images, target=0, score_fn=None,
             batch_size: int = 16) -> np.ndarray:
     """Class-activation maps upsampled to the input size.
