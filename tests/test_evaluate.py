@@ -83,3 +83,55 @@ def test_gallery_indices():
     idx = run.gallery_indices(correct, per_kind=2)
     assert sorted(correct[idx].tolist()) == [False, False, True, True]
     assert len(run.gallery_indices(np.array([True]), per_kind=3)) == 1
+
+
+# ------------------------------------------------- other tasks (untrained model, no training)
+
+def _write_split(out_dir, split, labels, rng):
+    import cv2
+    import tensorflow as tf
+
+    from input_pipeline import features
+
+    name = f"{split}-00000-of-00001.tfrecord"
+    with tf.io.TFRecordWriter(os.path.join(out_dir, name)) as w:
+        for i, y in enumerate(labels):
+            img = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            png = cv2.imencode(".png", img)[1].tobytes()
+            label = [int(v) for v in y] if np.ndim(y) else int(y)
+            w.write(features.serialize_example(png, label, height=32, width=32,
+                                               patient_id=f"p{i // 2}", source=f"{split}{i}.png"))
+
+
+@pytest.mark.parametrize("task,k,head,rule_type", [
+    ("multilabel", 3, "sigmoid", "per_class_thresholds"),
+    ("binary", 2, "sigmoid", "binary_threshold"),
+    ("multiclass", 3, "softmax", "argmax"),
+])
+def test_other_tasks_in_process(tmp_path, monkeypatch, task, k, head, rule_type):
+    from models.registry import build_model
+    from training import experiment
+
+    rng = np.random.default_rng(0)
+    for split in ("val", "test"):
+        labels = (rng.random((16, k)) < 0.5).astype(int) if task == "multilabel" \
+            else np.arange(16) % k
+        _write_split(str(tmp_path), split, labels, rng)
+    names = [f"c{i}" for i in range(k)]
+    info = {"task": task, "num_classes": k, "class_names": names}
+    config = {"task": task, "head": head, "data_dir": str(tmp_path), "batch_size": 8,
+              "image_size": 32}
+    model = build_model("resnetv2_lite", task, k, 32, widths=(8,))
+    monkeypatch.setattr(experiment, "build_from_config", lambda w: (model, info, config))
+
+    path = run.evaluate(str(tmp_path / "w"), n_boot=10, gradcam_per_kind=1)
+    eval_dir = tmp_path / "w" / "eval"
+    assert path == eval_dir / "report.html" and path.is_file()
+    m = json.loads((eval_dir / "metrics.json").read_text())
+    assert m["task"] == task and m["num_examples"] == 16 and m["num_patients"] == 8
+    assert set(m["confidence_intervals"]) == set(m["headline"])
+    assert json.loads((eval_dir / "thresholds.json").read_text())["decision"]["type"] == rule_type
+    with open(eval_dir / "predictions_test.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 16 and rows[3]["patient_id"] == "p1"
+    assert ("pred_c2" in rows[0]) == (task == "multilabel")
