@@ -135,6 +135,28 @@ def test_keras_save_load_round_trip_coral(tmp_path):
     )
 
 
+def test_gradcam_rewiring_reproduces_logits():
+    """The recipe of PITFALLS section 4 works on our structure: conv map + same logits."""
+    model = build_model("resnetv2_lite", "dr_grade", 5, S, dropout=0.5)
+    assert model.get_layer("dropout").rate == 0.5
+    backbone = model.get_layer("backbone")
+    conv_name = "block3_conv2"
+    features = keras.Model(backbone.inputs, [backbone.get_layer(conv_name).output, backbone.output])
+    image = keras.Input((S, S, 3))
+    conv, fmap = features(image)
+    logits = model.get_layer("logits")(model.get_layer("gap")(fmap))
+    cam_model = keras.Model(image, [conv, logits])
+    x = _pixels(2)
+    conv_out, cam_logits = cam_model(x, training=False)
+    assert tuple(conv_out.shape) == (2, 1, 1, 64)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(cam_logits),
+        ops.convert_to_numpy(model(x, training=False)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
 # ----------------------------------------------------------------------------- backbones
 
 
