@@ -173,8 +173,10 @@ def test_existing_workdir_without_resume_is_refused(trained, data_dir):
 
 
 def test_shadowed_build_model_binding_is_an_error(tmp_path, data_dir):
-    with pytest.raises(ValueError, match="train.<arg>"):
-        _train_in_process(tmp_path / "w", data_dir, "build_model.dropout = 0.5")
+    for binding in ("build_model.dropout = 0.5", "make_dataset.batch_size = 4"):
+        with pytest.raises(ValueError, match="train.<arg>"):
+            _train_in_process(tmp_path / "w", data_dir, binding)
+        assert not (tmp_path / "w").exists()  # refused before the workdir was made
 
 
 @pytest.mark.slow

@@ -40,6 +40,8 @@ from training import optimizers
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 # Arguments `_build_model` passes to models.build_model (bind train.X, never build_model.X).
 _MODEL_ARGS = ("name", "task", "num_classes", "image_size", "weights", "dropout", "head")
+_DATASET_ARGS = ("file_pattern", "batch_size", "training", "image_size", "task", "num_classes",
+                 "seed", "deterministic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +118,7 @@ def train(workdir: str, resume: bool = False, *,
         logging.info("%s already finished training; nothing to resume.", workdir)
         with open(summary_path) as f:
             return json.load(f)
+    _check_bindings()  # before the workdir exists: a config error leaves nothing behind
     resumed = _prepare_workdir(workdir, data_dir, resume)
     jit_compile = _seed_everything(seed, deterministic, jit_compile)
     previous_policy = _set_precision(precision)
@@ -188,7 +191,6 @@ def _build_datasets(data_dir, info, task, image_size, batch_size, seed, determin
     """
     common = dict(batch_size=batch_size, image_size=image_size, task=task,
                   num_classes=info["num_classes"], seed=seed, deterministic=deterministic)
-    _check_shadowed_bindings(pipeline.make_dataset, ("file_pattern", "training", *common))
     train_ds = pipeline.make_dataset(os.path.join(data_dir, "train-*.tfrecord"),
                                      training=True, **common)
     val_ds = pipeline.make_dataset(os.path.join(data_dir, "val-*.tfrecord"), training=False,
@@ -232,8 +234,12 @@ def _check_shadowed_bindings(fn, explicit) -> None:
                          f"would silently ignore; bind train.<arg> instead.")
 
 
-def _build_model(name, task, num_classes, image_size, weights, dropout, head) -> keras.Model:
+def _check_bindings() -> None:
     _check_shadowed_bindings(models.build_model, _MODEL_ARGS)
+    _check_shadowed_bindings(pipeline.make_dataset, _DATASET_ARGS)
+
+
+def _build_model(name, task, num_classes, image_size, weights, dropout, head) -> keras.Model:
     net = models.build_model(name, task, num_classes, image_size, weights=weights,
                              dropout=dropout, head=head)
     net.build((None, image_size, image_size, 3))  # BackupAndRestore needs a built model
