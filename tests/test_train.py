@@ -33,24 +33,29 @@ def _image(label: int, rng) -> bytes:
     return cv2.imencode(".png", img)[1].tobytes()
 
 
-def write_shards(out_dir, counts={"train": 64, "val": 24}, seed=0) -> str:  # noqa: B006
-    """Writes {split}-00000-of-00001.tfrecord + dataset.json (dr_grade, K=5)."""
+def write_shards(out_dir, counts={"train": 64, "val": 24}, seed=0,  # noqa: B006
+                 task="dr_grade") -> str:
+    """Writes {split}-00000-of-00001.tfrecord + dataset.json (K=5 grades, or 3 labels)."""
     import tensorflow as tf
 
     rng = np.random.default_rng(seed)
     os.makedirs(out_dir, exist_ok=True)
     splits = {}
+    k = 3 if task == "multilabel" else K
     for split, n in counts.items():
-        labels = np.arange(n) % K
+        grades = np.arange(n) % K
+        # multilabel: label c present when the grade exceeds c (so it's learnable).
+        labels = (grades[:, None] > np.arange(k)).astype(int) if task == "multilabel" else grades
         name = f"{split}-00000-of-00001.tfrecord"
         with tf.io.TFRecordWriter(os.path.join(out_dir, name)) as w:
-            for i, y in enumerate(labels):
-                w.write(features.serialize_example(_image(int(y), rng), int(y), height=SIZE,
-                                                   width=SIZE, source=f"{split}{i}.png"))
-        c = np.bincount(labels, minlength=K).tolist()
+            for i, (g, y) in enumerate(zip(grades, labels, strict=True)):
+                w.write(features.serialize_example(
+                    _image(int(g), rng), y.tolist() if y.ndim else int(y), height=SIZE,
+                    width=SIZE, source=f"{split}{i}.png"))
+        c = (labels.sum(0) if labels.ndim == 2 else np.bincount(labels, minlength=k)).tolist()
         splits[split] = {"num_examples": n, "class_counts": c,
                          "class_counts_before_balance": c, "files": [name]}
-    info = {"task": "dr_grade", "num_classes": K, "class_names": [str(i) for i in range(K)],
+    info = {"task": task, "num_classes": k, "class_names": [str(i) for i in range(k)],
             "label_columns": ["dr_grade"], "image_size": SIZE, "image_format": "png",
             "splits": splits}
     with open(os.path.join(out_dir, "dataset.json"), "w") as f:
@@ -177,6 +182,18 @@ def test_shadowed_build_model_binding_is_an_error(tmp_path, data_dir):
         with pytest.raises(ValueError, match="train.<arg>"):
             _train_in_process(tmp_path / "w", data_dir, binding)
         assert not (tmp_path / "w").exists()  # refused before the workdir was made
+
+
+def test_multilabel_run_with_pos_weight_monitors_auc(tmp_path):
+    data = write_shards(str(tmp_path / "data"), task="multilabel")
+    summary = _train_in_process(tmp_path / "w", data, "train.monitor = 'val_auc'",
+                                "train.pos_weight = True", "train.tensorboard = True",
+                                "train.epochs = 1", "train.steps_per_epoch = 2")
+    assert summary["task"] == "multilabel" and summary["head"] == "sigmoid"
+    assert summary["monitor"] == "val_auc" and summary["mode"] == "max"
+    assert 0.0 <= summary["best_metric"] <= 1.0
+    row = _history(tmp_path / "w")[0]
+    assert {"val_auc", "val_map", "val_macro_f1"} <= set(row)
 
 
 @pytest.mark.slow

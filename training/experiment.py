@@ -128,7 +128,7 @@ def train(workdir: str, resume: bool = False, *,
         net = _build_model(model, task, info["num_classes"], image_size, weights, dropout, head)
         head = _head_of(task, head)
         loss_fn = _build_loss(loss, task, head, info, loss_kwargs, pos_weight, pos_weight_clamp)
-        fit_kw = dict(steps_per_epoch=steps, verbose=verbose,
+        fit_kw = dict(steps_per_epoch=steps, verbose=verbose, shuffle=False,  # tf.data shuffles
                       class_weight=_class_weights(class_weight, task, info))
         opt_kw = dict(learning_rate=learning_rate, weight_decay=weight_decay,
                       min_lr_ratio=min_lr_ratio, backbone_lr_factor=backbone_lr_factor,
