@@ -69,7 +69,10 @@ def serialize_example(image_bytes: bytes, label: int | Sequence[int], *, height:
             PATIENT_ID: _bytes(str(patient_id).encode()),
             SOURCE: _bytes(str(source).encode()),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    # deterministic=True: map fields are otherwise ordered per process, and
+    # resumed prepare runs must write byte-identical shards.
+    return example.SerializeToString(deterministic=True)
 
 
 def feature_spec(task: str, num_classes: int | None = None) -> dict:
