@@ -35,8 +35,9 @@ flags.DEFINE_string("work_dir", "bench_data", "Prepared shards and the symlink t
 flags.DEFINE_list("image_sizes", ["224", "384"], "Model input sizes to measure.")
 flags.DEFINE_list("augment_sets", ["full", "basic"], "Augmentation sets (full, basic).")
 flags.DEFINE_integer("batch_size", 32, "Batch size.")
-flags.DEFINE_integer("warmup", 8, "Untimed batches first.")
-flags.DEFINE_integer("batches", 30, "Timed batches.")
+flags.DEFINE_integer("warmup", 4, "Untimed batches first.")
+flags.DEFINE_integer("batches", 30, "Timed batches (fundusflow).")
+flags.DEFINE_integer("baseline_batches", 10, "Timed batches (keras: ~10x slower).")
 flags.DEFINE_string("json_out", "", "Optional path for the results as JSON.")
 flags.DEFINE_string("worker", "", "Internal: run one measurement ('fundusflow' or 'keras').")
 flags.DEFINE_integer("size", 224, "Internal: the worker's image size.")
@@ -168,7 +169,7 @@ def _measure(worker: str, size: int, augment_set: str) -> dict:
     for _ in range(FLAGS.warmup):
         next(iterator)
     start, cpu_start, images = time.perf_counter(), _cpu_seconds(), 0
-    for _ in range(FLAGS.batches):
+    for _ in range(FLAGS.batches if worker == "fundusflow" else FLAGS.baseline_batches):
         images += int(next(iterator)[0].shape[0])
     seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
     return {"pipeline": worker, "size": size, "augment": augment_set,
@@ -189,7 +190,8 @@ def _run_worker(worker: str, size: int, augment_set: str) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.input_pipeline", f"--worker={worker}",
            f"--size={size}", f"--augment_set={augment_set}", f"--work_dir={FLAGS.work_dir}",
            f"--source_dir={FLAGS.source_dir}", f"--batch_size={FLAGS.batch_size}",
-           f"--warmup={FLAGS.warmup}", f"--batches={FLAGS.batches}"]
+           f"--warmup={FLAGS.warmup}", f"--batches={FLAGS.batches}",
+           f"--baseline_batches={FLAGS.baseline_batches}"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -232,7 +234,8 @@ def main(_):
             for worker in ("fundusflow", "keras"):
                 rows.append(_run_worker(worker, size, augment_set))
                 logging.info("%s", rows[-1])
-    print(f"batch {FLAGS.batch_size}, {FLAGS.batches} timed batches, "
+    print(f"batch {FLAGS.batch_size}, {FLAGS.batches} (keras {FLAGS.baseline_batches}) timed "
+          f"batches after {FLAGS.warmup}, "
           f"{os.cpu_count()} cores; full = augment.full_config() / keras equivalents")
     print(_table(rows))
     if FLAGS.json_out:
