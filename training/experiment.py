@@ -33,6 +33,7 @@ from absl import logging
 
 import models
 from input_pipeline import augment, pipeline  # noqa: F401  (registers AugmentConfig in gin)
+from input_pipeline import inspect as inspect_lib
 from models import backbones, heads, losses, metrics  # noqa: F401  (backbones: gin configurables)
 from training import callbacks as cb
 from training import optimizers
@@ -142,7 +143,7 @@ def train(workdir: str, resume: bool = False, *,
         if bn_recalibration_batches:
             run_cbs.append(cb.PreciseBatchNorm([images for images, _ in first]))
         if tensorboard:
-            _log_input_grid(workdir, *first[0])
+            _log_input_grid(workdir, *first[0], info.get("class_names"))
         for stage in plan_stages(epochs, freeze_backbone_epochs, finetune_lr_factor):
             _compile_stage(net, stage, task, info, head, loss_fn, steps, warmup_epochs,
                            jit_compile, opt_kw)
@@ -414,14 +415,9 @@ def _first_batches(train_ds, n: int) -> list:
     return [(x.numpy(), y.numpy()) for x, y in train_ds.take(n)]
 
 
-def _log_input_grid(workdir: str, images, labels) -> None:
+def _log_input_grid(workdir: str, images, labels, class_names) -> None:
     """A grid of augmented training inputs -> TensorBoard (images: train/augmented_inputs)."""
-    try:
-        from input_pipeline import inspect as inspect_lib
-    except ImportError:  # inspect.py is optional for training: skip the grid, say so
-        logging.warning("input_pipeline.inspect not available: no input grid in TensorBoard.")
-        return
-    grid = inspect_lib.make_grid(images, labels)
+    grid = inspect_lib.make_grid(images, labels, class_names)
     cb.log_image(os.path.join(workdir, "tensorboard"), "train/augmented_inputs", grid)
 
 
