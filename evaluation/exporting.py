@@ -126,7 +126,7 @@ def apply_rule(rule: dict, probs):
     if kind == "binary_threshold":
         return ops.cast(probs[:, 1] >= rule["threshold"], "int32")
     if kind == "argmax":
-        return ops.cast(ops.argmax(probs, axis=-1), "int32")
+        return _first_argmax(probs)
     if kind == "ordinal_cutpoints":
         k = ops.cast(ops.arange(probs.shape[-1]), "float32")
         score = ops.sum(probs * k[None, :], axis=-1)
@@ -136,6 +136,18 @@ def apply_rule(rule: dict, probs):
         t = ops.convert_to_tensor(np.asarray(rule["thresholds"], np.float32))
         return ops.cast(probs >= t[None, :], "int32")
     raise ValueError(f"Unknown decision rule {kind!r}")
+
+
+def _first_argmax(probs):
+    """int32 [B]: index of the first maximum of [B, K], as np.argmax.
+
+    Not ops.argmax: on TF, Keras implements it with a Bitcast (to order -0.0
+    and 0.0) that ONNX cannot hold.
+    """
+    k = probs.shape[-1]
+    is_max = probs >= ops.max(probs, axis=-1, keepdims=True)
+    reverse_index = ops.cast(k - ops.arange(k), "int32")[None, :]  # K .. 1
+    return k - ops.max(ops.where(is_max, reverse_index, 0), axis=-1)
 
 
 def postprocess(logits, spec: ServingSpec) -> dict:
@@ -328,6 +340,61 @@ def write_saved_model(model: keras.Model, spec: ServingSpec, export_dir,
 # --------------------------------------------------------------------------- ONNX
 
 
+@keras.saving.register_keras_serializable(package="fundusflow")
+class ErfGelu(keras.layers.Layer):
+    """Exact GELU written as 0.5 x (1 + erf(x / sqrt 2)): tf2onnx has Erf but not Erfc."""
+
+    def call(self, x):
+        return 0.5 * x * (1.0 + ops.erf(x * 0.7071067811865476))
+
+
+def _is_depthwise_grouped(layer) -> bool:
+    return (type(layer) is keras.layers.Conv2D and layer.groups > 1
+            and layer.groups == layer.filters == layer.input.shape[-1])
+
+
+def _onnx_layer(layer):
+    """clone_function: grouped convs that are depthwise -> DepthwiseConv2D; GELU -> erf form."""
+    if _is_depthwise_grouped(layer):
+        return keras.layers.DepthwiseConv2D(
+            layer.kernel_size, strides=layer.strides, padding=layer.padding,
+            dilation_rate=layer.dilation_rate, use_bias=layer.use_bias,
+            activation=layer.activation, dtype=layer.dtype_policy, name=layer.name)
+    if (type(layer) is keras.layers.Activation
+            and layer.activation is keras.activations.gelu):
+        return ErfGelu(dtype=layer.dtype_policy, name=layer.name)
+    return layer.__class__.from_config(layer.get_config())
+
+
+def _copy_weights(source: keras.Model, clone: keras.Model) -> None:
+    """Weights by layer path; grouped-conv kernels [kh, kw, 1, C] -> depthwise [kh, kw, C, 1]."""
+    for old, new in zip(_all_layers(source), _all_layers(clone), strict=True):
+        if isinstance(old, keras.Model) or not old.weights:
+            continue
+        weights = old.get_weights()
+        if _is_depthwise_grouped(old):
+            weights[0] = np.transpose(weights[0], (0, 1, 3, 2))
+        new.set_weights(weights)
+
+
+def onnx_friendly(model: keras.Model) -> keras.Model:
+    """The model, or a clone that tf2onnx converts (docs/PITFALLS.md section 8).
+
+    Keras runs a grouped Conv2D inside a nested jit-compiled function, which
+    tf2onnx leaves as an unconvertible StatefulPartitionedCall, and exact GELU
+    lowers to Erfc, which tf2onnx lacks (ConvNeXt has both). The clone swaps
+    them for DepthwiseConv2D and the erf form, with the same weights.
+    """
+    layers = list(_all_layers(model))
+    if not any(_is_depthwise_grouped(layer) or (
+            type(layer) is keras.layers.Activation
+            and layer.activation is keras.activations.gelu) for layer in layers):
+        return model
+    clone = keras.models.clone_model(model, clone_function=_onnx_layer, recursive=True)
+    _copy_weights(model, clone)
+    return clone
+
+
 def onnx_fn(model: keras.Model, spec: ServingSpec):
     """Tensor-in function for ONNX: logits too, so clients can re-calibrate."""
     def serve(image):
@@ -403,9 +470,10 @@ def write_onnx(model: keras.Model, spec: ServingSpec, export_dir, version: int |
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    convertible = onnx_friendly(model)
     archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint("serve", onnx_fn(model, spec),
+    archive.track(convertible)
+    archive.add_endpoint("serve", onnx_fn(convertible, spec),
                          input_signature=[tensor_spec(spec.preprocess.model_image_size)])
     with tempfile.TemporaryDirectory() as saved_model:
         archive.write_out(saved_model, verbose=False)

@@ -190,25 +190,3 @@ def test_mixed_precision_model_is_exported_in_float32():
     assert all(not layer.dtype_policy.name.startswith("mixed") for layer in twin.layers)
     x = np.random.default_rng(1).uniform(0, 255, (2, S, S, 3)).astype(np.float32)
     np.testing.assert_allclose(twin(x).numpy(), mixed(x).numpy().astype(np.float32), atol=0.05)
-
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnetv2_lite", "mobilenetv3_large"])
-def test_onnx_matches_keras(name, tmp_path):
-    pytest.importorskip("tf2onnx")
-    ort = pytest.importorskip("onnxruntime")
-    net = build_model(name, "dr_grade", 5, S)
-    spec = exporting.spec_from_dataset(net, DATASET)
-    out = exporting.write_onnx(net, spec, tmp_path, version=3)
-    assert out == tmp_path / "3"
-    pre = json.loads((out / exporting.PREPROCESSING_JSON).read_text())
-    assert pre["input"]["shape"] == [None, S, S, 3] and pre["class_names"] == list(CLASSES)
-    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(2).uniform(0, 255, (3, S, S, 3)).astype(np.float32)
-    got = dict(zip([o.name for o in session.get_outputs()],
-                   session.run(None, {session.get_inputs()[0].name: x}), strict=True))
-    want = net(x).numpy()
-    assert np.abs(got["logits"] - want).max() / np.abs(want).max() < 1e-4
-    np.testing.assert_allclose(got["probabilities"], heads.probabilities(want, "coral"),
-                               atol=1e-5)
