@@ -313,8 +313,9 @@ def confusion_matrix_png(cm: np.ndarray, class_names) -> tf.Tensor:
 
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(class_names),) * 2, dpi=80)
     ax.imshow(cm, cmap="Blues")
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+    for (i, j), v in np.ndenumerate(cm):  # white on dark cells, black on light ones
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
+                color="white" if v > cm.max() / 2 else "black")
     ax.set(xticks=range(len(class_names)), yticks=range(len(class_names)),
            xticklabels=class_names, yticklabels=class_names, xlabel="predicted", ylabel="true")
     buf = io.BytesIO()
