@@ -211,21 +211,30 @@ def fundus_mask(image: tf.Tensor, radius: float = 0.98, matrix: tf.Tensor | None
     height, width = image.shape[0], image.shape[1]
     if height is None or width is None:
         raise ValueError("fundus_mask needs a static image size")
-    mask = tf.constant(_circle_mask(height, width, radius))
-    if matrix is not None:
-        mask = mask * _transformed_circle_mask(height, width, radius, matrix)
-    return image * mask
+    if matrix is None:
+        return image * tf.constant(_circle_mask(height, width, radius))
+    inside = tf.logical_and(tf.constant(_circle_mask(height, width, radius) > 0),
+                            _inside_transformed_circle(height, width, radius, matrix))
+    return image * tf.cast(inside, tf.float32)
 
 
-def _transformed_circle_mask(height: int, width: int, radius: float, matrix) -> tf.Tensor:
-    """float32 [H, W, 1]: 1 where the inverse of `matrix` lands inside the inscribed circle."""
+def _inside_transformed_circle(height: int, width: int, radius: float, matrix) -> tf.Tensor:
+    """bool [H, W, 1]: where the inverse of `matrix` lands inside the inscribed circle.
+
+    With d = p - matrix(centre) and B the inverse's 2x2 part, that is the ellipse
+    d^T (B^T B) d <= r^2, evaluated from per-row and per-column vectors (broadcast)
+    so only a handful of full-size ops remain.
+    """
     inverse = tf.linalg.inv(matrix)
-    y, x = np.mgrid[:height, :width].astype(np.float32)
-    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
-    qx = inverse[0, 0] * x + inverse[0, 1] * y + inverse[0, 2] - cx
-    qy = inverse[1, 0] * x + inverse[1, 1] * y + inverse[1, 2] - cy
+    b = inverse[:2, :2]
+    q = tf.matmul(b, b, transpose_a=True)
+    c = tf.constant([(width - 1) / 2.0, (height - 1) / 2.0, 1.0])
+    centre = tf.linalg.matvec(matrix, c)  # where the input centre lands
+    dx = tf.range(width, dtype=tf.float32)[None, :] - centre[0]
+    dy = tf.range(height, dtype=tf.float32)[:, None] - centre[1]
+    form = q[0, 0] * dx * dx + (q[1, 1] * dy * dy + 2.0 * q[0, 1] * dy * dx)
     r = radius * min(height, width) / 2.0
-    return tf.cast(qx * qx + qy * qy <= r * r, tf.float32)[..., None]
+    return (form <= r * r)[..., None]
 
 
 # ------------------------------------------------------------------------- colour ops
