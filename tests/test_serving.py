@@ -63,6 +63,14 @@ def test_ben_graham_matches_numpy_path(tmp_path):
     assert (got[0, 0] == 0).all() and abs(float(np.median(got[SIZE // 2])) - 128) < 30
 
 
+def test_no_crop_matches_numpy_path(tmp_path):
+    data = encode(synthetic_fundus(200, 300, radius=95), ".png")
+    want, circle = _numpy_path(tmp_path, data, ".png", crop="none")
+    config = serving.ServingConfig(dataset_image_size=SIZE, model_image_size=SIZE, crop="none")
+    got = serving.prepare_image(serving.decode(tf.constant(data), SIZE), config).numpy()
+    assert circle is None and np.abs(got.astype(float) - want).mean() < 1.0
+
+
 def test_gaussian_blur_matches_opencv():
     img = np.random.default_rng(0).integers(0, 256, (40, 50, 3)).astype(np.float32)
     want = cv2.GaussianBlur(img, (0, 0), 2.0)
