@@ -2,10 +2,10 @@
 
 The SavedModel written to `E/N/` (TF Serving's versioned layout) has two signatures:
 
-| signature         | input                                   | outputs                          |
-| ----------------- | --------------------------------------- | -------------------------------- |
-| `serving_default` | `image_bytes` tf.string [B] (JPEG/PNG)  | see `decision_name`, below       |
-| `serve_tensor`    | `image` float32 [B, S, S, 3] in [0, 255] | the same, minus `class_names`   |
+| signature         | input                                    | outputs                          |
+| ----------------- | ---------------------------------------- | -------------------------------- |
+| `serving_default` | `image_bytes` tf.string [B] (JPEG/PNG)   | probabilities, decision, names   |
+| `serve_tensor`    | `image` float32 [B, S, S, 3] in [0, 255] | probabilities, decision          |
 
 Outputs: `probabilities` float32 [B, K] (class probabilities; per-label [B, C]
 for multilabel), the decision as int32 (`grade` [B] for dr_grade, `class_id`
