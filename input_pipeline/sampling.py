@@ -79,6 +79,7 @@ def resample(dataset: tf.data.Dataset, sampling: str, class_counts, seed,
         normal_count: examples with no positive label (rarest_label only).
     """
     accept = acceptance_fn(sampling, class_counts, normal_count)
+    _log_expected(sampling, class_counts, normal_count)
     base = tf.constant([seed, 0], tf.int64) if isinstance(seed, int) else seed
 
     def keep(index, features):
@@ -87,6 +88,21 @@ def resample(dataset: tf.data.Dataset, sampling: str, class_counts, seed,
         return u < accept(features["label"])
 
     return dataset.enumerate().filter(keep).map(lambda index, features: features)
+
+
+def _log_expected(sampling: str, class_counts, normal_count) -> None:
+    """Logs what the sampler should produce (compare with `effective_distribution`)."""
+    counts = np.asarray(class_counts, np.float64)
+    if sampling == "class_balanced":
+        accepted = counts * class_balanced_weights(counts)
+        logging.info("class_balanced sampling: counts %s -> expected fractions %s (keeps %.1f%%)",
+                     counts.tolist(), np.round(accepted / accepted.sum(), 4).tolist(),
+                     100 * accepted.sum() / counts.sum())
+    else:
+        per_label, normal = rarest_label_weights(counts, normal_count)
+        logging.info("rarest_label sampling: positives %s -> acceptance per label %s, "
+                     "no-label acceptance %.4f", counts.tolist(),
+                     np.round(per_label, 4).tolist(), normal)
 
 
 def _labels_of(element) -> np.ndarray:

@@ -35,10 +35,12 @@ def test_rarest_label_weights_golden():
     assert normal == pytest.approx(1.0)
 
 
-def test_class_balanced_sampler_gives_uniform_classes():
+def test_class_balanced_sampler_gives_uniform_classes(caplog):
     counts = [600, 150, 50]
     labels = np.repeat(np.arange(3), counts).astype(np.int32)
-    ds = sampling.resample(_stream(labels), "class_balanced", counts, seed=1)
+    with caplog.at_level(logging.INFO):
+        ds = sampling.resample(_stream(labels), "class_balanced", counts, seed=1)
+    assert "expected fractions [0.3333, 0.3333, 0.3333]" in caplog.text
     fractions = np.bincount(_take_labels(ds, 3000), minlength=3) / 3000
     np.testing.assert_allclose(fractions, [1 / 3] * 3, atol=0.035)
 
