@@ -155,6 +155,15 @@ def test_multilabel_labels_and_keep_keys(tmp_path):
     assert sorted(map(tuple, got.astype(int).tolist())) == sorted(map(tuple, labels))
 
 
+def test_sampling_must_fit_the_task(shards):
+    with pytest.raises(ValueError, match="use 'class_balanced'"):
+        _make(shards, training=True, sampling="rarest_label")
+    with pytest.raises(ValueError, match="use 'rarest_label'"):
+        _make(shards, training=True, sampling="class_balanced", task="multilabel")
+    with pytest.raises(ValueError, match="Unknown sampling"):
+        _make(shards, training=True, sampling="sqrt")
+
+
 def test_missing_files_raise(tmp_path):
     with pytest.raises(FileNotFoundError):
         pipeline.make_dataset(str(tmp_path / "none-*"), 4, False, 16, "binary", 2)
