@@ -19,6 +19,8 @@ Every pure function returns the per-example loss ``[B]``; the ``Loss`` classes t
 ``get_loss(name, task, head)`` picks from this table.
 """
 
+import inspect
+
 import gin
 import keras
 import numpy as np
@@ -420,7 +422,8 @@ def get_loss(name: str | None, task: str, head: str | None = None, **kw) -> kera
 
     ``kw`` goes to the Loss class, e.g. ``get_loss("focal", "multilabel", gamma=2.5,
     alpha=0.15, reduction_over_labels="sum")``. Raises ValueError for a name that does not
-    fit the head, listing those that do.
+    fit the head, listing those that do, and for an argument the loss does not take (e.g.
+    ``pos_weight`` for focal), listing those it does.
     """
     head = heads.check_head(task, head)
     name = name or default_loss(task, head)
@@ -430,4 +433,9 @@ def get_loss(name: str | None, task: str, head: str | None = None, **kw) -> kera
             f"Loss {name!r} does not fit task {task!r} with head {head!r}; "
             f"use one of {sorted(choices)}"
         )
+    accepted = set(inspect.signature(choices[name].__init__).parameters) - {"self", "kwargs"}
+    unknown = sorted(set(kw) - accepted)
+    if unknown:
+        raise ValueError(f"Loss {name!r} takes no argument(s) {unknown}; it takes "
+                         f"{sorted(accepted)}")
     return choices[name](**kw)

@@ -296,3 +296,10 @@ def test_loss_trains_jit(task, head, name, cls):
     history = model.fit(x, y, batch_size=8, epochs=3, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
     assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+def test_get_loss_names_an_argument_the_loss_does_not_take():
+    # pos_weight is a weighted-BCE argument: focal must refuse it by name, not with a TypeError.
+    with pytest.raises(ValueError, match=r"'focal' takes no argument\(s\) \['pos_weight'\]"):
+        losses.get_loss("focal", "multilabel", pos_weight=[1.0, 2.0])
+    assert losses.get_loss("focal", "multilabel", gamma=2.5).get_config()["gamma"] == 2.5
