@@ -38,7 +38,7 @@ def test_rarest_label_weights_golden():
 def test_class_balanced_sampler_gives_uniform_classes(caplog):
     counts = [600, 150, 50]
     labels = np.repeat(np.arange(3), counts).astype(np.int32)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):
         ds = sampling.resample(_stream(labels), "class_balanced", counts, seed=1)
     assert "expected fractions [0.3333, 0.3333, 0.3333]" in caplog.text
     fractions = np.bincount(_take_labels(ds, 3000), minlength=3) / 3000
@@ -100,7 +100,7 @@ def test_unknown_sampler_and_missing_counts_raise():
 def test_effective_distribution_counts_tuples_and_dicts(caplog):
     labels = np.array([0, 0, 1, 2, 2, 2, 0, 1], np.int32)
     tuples = tf.data.Dataset.from_tensor_slices((tf.zeros([8, 2]), labels)).batch(4)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):
         fractions = sampling.effective_distribution(tuples, num_batches=2, num_classes=4)
     np.testing.assert_allclose(fractions, [3 / 8, 2 / 8, 3 / 8, 0])
     assert "Effective distribution over 8 examples" in caplog.text
