@@ -31,6 +31,11 @@ flags.DEFINE_integer("num_classes", 5, "Classifier width (multiclass head).")
 flags.DEFINE_integer("warmup_steps", 10, "Untimed steps after the first one.")
 flags.DEFINE_integer("steps", 50, "Timed steps.")
 flags.DEFINE_enum("framework", "both", ["both", "keras", "timm"], "What to run.")
+flags.DEFINE_enum("depthwise", "native", ["native", "taps"],
+                  "Depthwise convs as cuDNN convolutions or as fused shifted multiply-adds.")
+flags.DEFINE_integer("taps_max_input_size", None,
+                     "With --depthwise=taps, only swap layers whose input is at most this size.")
+flags.DEFINE_bool("compare_timm", True, "Also run timm's model of the same family.")
 flags.DEFINE_string("cache_dir", "/tmp/jax_cache", "JAX persistent compilation cache.")
 flags.DEFINE_string("json_out", "", "Optional path for the result as JSON.")
 
@@ -68,7 +73,9 @@ def bench_keras_jax() -> dict:
 
     phases = {"import_s": time.perf_counter() - _START}
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    model = models.build_model(FLAGS.model, "multiclass", FLAGS.num_classes, FLAGS.image_size)
+    model = models.build_model(FLAGS.model, "multiclass", FLAGS.num_classes, FLAGS.image_size,
+                               depthwise=FLAGS.depthwise,
+                               taps_max_input_size=FLAGS.taps_max_input_size)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     optimizer = keras.optimizers.AdamW(1e-4, weight_decay=0.05)
     optimizer.build(model.trainable_variables)
@@ -148,9 +155,14 @@ def _run_child(framework: str) -> dict:
     args = [sys.executable, "-m", "benchmarks.train_throughput", f"--framework={framework}",
             f"--model={FLAGS.model}", f"--image_size={FLAGS.image_size}",
             f"--batch_size={FLAGS.batch_size}", f"--steps={FLAGS.steps}",
-            f"--warmup_steps={FLAGS.warmup_steps}", f"--cache_dir={FLAGS.cache_dir}"]
-    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+            f"--warmup_steps={FLAGS.warmup_steps}", f"--cache_dir={FLAGS.cache_dir}",
+            f"--depthwise={FLAGS.depthwise}"]
+    if FLAGS.taps_max_input_size:
+        args.append(f"--taps_max_input_size={FLAGS.taps_max_input_size}")
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{framework} benchmark failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main(_):
@@ -165,7 +177,7 @@ def main(_):
     result = {"model": FLAGS.model, "image_size": FLAGS.image_size,
               "batch_size": FLAGS.batch_size, "keras_jax": ours,
               "keras_jax_repeat_start": ours_repeat}
-    if TIMM_NAMES.get(FLAGS.model):
+    if FLAGS.compare_timm and TIMM_NAMES.get(FLAGS.model):
         theirs = _run_child("timm")
         result["timm"] = theirs
         result["ratio"] = ours["images_per_s"] / theirs["images_per_s"]

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import gin
 import keras
 
-from models import heads
+from models import heads, layers
 
 _BACKBONES: dict[str, Callable[..., keras.Model]] = {}
 
@@ -60,6 +60,8 @@ def build_model(
     weights: str | None = None,
     dropout: float = 0.0,
     head: str | None = None,
+    depthwise: str = "native",
+    taps_max_input_size: int | None = None,
     **kw,
 ) -> keras.Model:
     """Builds ``image -> backbone -> gap -> dropout -> logits`` (see docs/ARCHITECTURE.md).
@@ -73,6 +75,11 @@ def build_model(
         a backbone weights file.
       dropout: rate of the Dropout before the logits.
       head: see ``models.heads``; None picks ``heads.default_head(task)``.
+      depthwise: ``native`` (DepthwiseConv2D) or ``taps`` (``layers.TapDepthwiseConv2D``: same
+        weights and maths; on JAX/GPU it skips cuDNN's run-time plan building, so a cached
+        repeat start of EfficientNet-B3 takes 24 s instead of 34 s, at 0.65x the throughput).
+      taps_max_input_size: with ``taps``, only depthwise layers whose input is at most this
+        many pixels across are swapped (None: all).
       **kw: passed on to the backbone builder.
 
     Returns:
@@ -82,6 +89,10 @@ def build_model(
     head = heads.check_head(task, head)
     logits_layer = heads.build_head(task, num_classes, head)  # validates num_classes early
     backbone = get_backbone_fn(name)(image_size=image_size, weights=weights, **kw)
+    if depthwise == "taps":
+        backbone = layers.use_tap_depthwise(backbone, taps_max_input_size)
+    elif depthwise != "native":
+        raise ValueError(f"depthwise={depthwise!r}: expected 'native' or 'taps'.")
     image = keras.Input((image_size, image_size, 3), dtype="float32", name="image")
     x = backbone(image)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
