@@ -174,12 +174,12 @@ def _histogram_percentile(hist: tf.Tensor, q: float) -> tf.Tensor:
     return sorted_at(lo) + (pos - lo) * (sorted_at(lo + 1) - sorted_at(lo))
 
 
-def field_mask(gray: tf.Tensor) -> tf.Tensor:
-    """bool [h, w]: pixels of float32 [h, w] gray (integer levels) above the black border.
+def border_threshold(gray: tf.Tensor) -> tf.Tensor:
+    """float64 grey level just above the black border of float32 [h, w] gray (integer levels).
 
-    As `preprocessing.field_mask`: the border level is the histogram mode below
-    the 10th percentile, its noise the spread of the pixels below that mode,
-    and the threshold sits just above it (dark fields are only a few grey
+    As `preprocessing._border_threshold`: the border level is the histogram mode
+    below the 10th percentile, its noise the spread of the pixels below that
+    mode, and the threshold sits just above it (dark fields are only a few grey
     levels above a black border, so a fraction of the brightness would lose them).
     """
     hist = tf.cast(tf.math.bincount(tf.cast(gray, tf.int32), minlength=256, maxlength=256),
@@ -189,7 +189,37 @@ def field_mask(gray: tf.Tensor) -> tf.Tensor:
     below = hist[:bg + 1]
     offsets = tf.cast(tf.range(bg + 1) - bg, tf.float64)
     sigma = tf.sqrt(tf.reduce_sum(below * offsets ** 2) / tf.reduce_sum(below))
-    threshold = tf.cast(bg, tf.float64) + tf.maximum(4.0 * sigma, 2.5)
+    return tf.cast(bg, tf.float64) + tf.maximum(4.0 * sigma, 2.5)
+
+
+def otsu_threshold(gray: tf.Tensor, above: tf.Tensor) -> tf.Tensor:
+    """float64 Otsu level of the pixels of gray brighter than `above` (OpenCV's THRESH_OTSU).
+
+    The level t maximises the between-class variance of {<= t} and {> t}; the
+    first maximum wins, as in OpenCV. 0 when no pixel is brighter than `above`.
+    """
+    levels = tf.cast(gray, tf.int32)
+    bright = tf.boolean_mask(levels, tf.cast(gray, tf.float64) > above)
+    hist = tf.cast(tf.math.bincount(bright, minlength=256, maxlength=256), tf.float64)
+    p = hist / tf.maximum(tf.reduce_sum(hist), 1.0)
+    i = tf.range(256, dtype=tf.float64)
+    q1 = tf.cumsum(p)
+    q2 = 1.0 - q1
+    m1 = tf.cumsum(i * p)
+    mu = m1[-1]
+    eps = 1.1920929e-07  # FLT_EPSILON: OpenCV skips levels with an empty class
+    valid = (tf.minimum(q1, q2) >= eps) & (tf.maximum(q1, q2) <= 1.0 - eps)
+    mu1 = m1 / tf.where(valid, q1, 1.0)
+    mu2 = (mu - m1) / tf.where(valid, q2, 1.0)
+    sigma = tf.where(valid, q1 * q2 * (mu1 - mu2) ** 2, -1.0)
+    return tf.where(tf.reduce_any(valid), tf.cast(tf.argmax(sigma), tf.float64),
+                    tf.constant(0.0, tf.float64))
+
+
+def field_mask(gray: tf.Tensor, threshold: tf.Tensor | None = None) -> tf.Tensor:
+    """bool [h, w]: pixels of float32 [h, w] gray above `threshold` (default: the border's)."""
+    if threshold is None:
+        threshold = border_threshold(gray)
     return tf.cast(gray, tf.float64) > threshold
 
 
@@ -375,23 +405,40 @@ def _refine(gray: tf.Tensor, circle: tf.Tensor) -> tf.Tensor:
     return tf.where(good, fit, circle)
 
 
+def _fit_mask(mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(float64 [3] circle, inlier fraction, plausible) fitted to the outline of bool mask."""
+    points, valid = _boundary_points(mask)
+    circle, inliers = _robust_circle(points, valid)
+    # inliers is 0 when too few outline points remained (numpy's fit is None then).
+    return circle, inliers, (inliers > 0) & _plausible(circle, mask)
+
+
 def find_fundus(image: tf.Tensor) -> tf.Tensor:
     """Circle of the camera's field of view in a uint8 RGB [H, W, 3] photograph.
+
+    As `preprocessing.find_fundus`: a fit to the mask above the border
+    threshold; when few outline points lie on that circle (a grey letterbox or
+    frame around the field), a second fit above an Otsu threshold among the
+    brighter pixels, the one with more inliers kept; then the rim refinement.
 
     Returns:
         float64 [3]: (cx, cy, r) in pixels of `image` (x = column). Where
         `preprocessing.find_fundus` gives up (no plausible circle; prepare
         rejects such images), this falls back to the bounding square of the
-        foreground, or of the whole frame, so serving always answers. Not
-        mirrored: numpy's second try with an Otsu threshold when few outline
-        points lie on the circle (a grey letterbox around the field); here that
-        case falls back to the bounding square too.
+        foreground, or of the whole frame, so serving always answers.
     """
     gray, scale = _detection_image(image)
-    mask = field_mask(gray)
-    points, valid = _boundary_points(mask)
-    circle, inliers = _robust_circle(points, valid)
-    ok = (inliers >= _MIN_INLIERS) & _plausible(circle, mask)
+    threshold = border_threshold(gray)
+    mask = field_mask(gray, threshold)
+    circle, inliers, ok = _fit_mask(mask)
+
+    def otsu_retry():
+        retry, retry_inliers, retry_ok = _fit_mask(field_mask(gray, otsu_threshold(gray,
+                                                                                  threshold)))
+        better = retry_ok & (~ok | (retry_inliers > inliers))
+        return tf.where(better, retry, circle), ok | better
+
+    circle, ok = tf.cond(~ok | (inliers < _MIN_INLIERS), otsu_retry, lambda: (circle, ok))
     # The refinement runs on the fallback too (harmless: it keeps it if rim points are poor).
     circle = tf.where(ok, circle, _box_circle(mask))
     circle = tf.cond(ok, lambda: _refine(gray, circle), lambda: circle)

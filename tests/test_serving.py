@@ -93,6 +93,36 @@ def test_large_jpeg_uses_reduced_decode():
     assert serving.decode(tf.constant(data)).shape == (1040, 1560, 3)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_otsu_threshold_matches_opencv(seed):
+    rng = np.random.default_rng(seed)
+    gray = np.concatenate([rng.normal(40, 6, 500), rng.normal(150, 20, 300 + 200 * seed)])
+    gray = np.clip(np.round(gray), 0, 255).astype(np.uint8).reshape(1, -1)
+    above = 20.0
+    want, _ = cv2.threshold(gray[gray > above].reshape(1, -1), 0, 255,
+                            cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    got = serving.otsu_threshold(tf.constant(gray, tf.float32), tf.constant(above, tf.float64))
+    assert float(got) == want
+
+
+def _grey_frame_capture() -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A bright field on a grey rectangle on black (screenshot-like), and its circle."""
+    img = np.zeros((240, 320, 3), np.uint8)
+    img[30:210, 20:300] = 40
+    cv2.circle(img, (200, 120), 85, (230, 160, 120), -1)
+    img[:, :140] = np.minimum(img[:, :140], 40)
+    return img, (200.0, 120.0, 85.0)
+
+
+def test_grey_frame_uses_otsu_retry_like_numpy():
+    # The border threshold catches the grey rectangle; only the Otsu retry finds the disc.
+    img, circle = _grey_frame_capture()
+    want = preprocessing.find_fundus(img)
+    got = serving.find_fundus(tf.constant(img)).numpy()
+    np.testing.assert_allclose(got, [want.cx, want.cy, want.r], atol=1.0)
+    np.testing.assert_allclose(got, circle, atol=2.5)
+
+
 def test_black_image_falls_back_to_whole_frame():
     image = tf.zeros([60, 90, 3], tf.uint8)
     cx, cy, r = serving.find_fundus(image).numpy()
