@@ -221,7 +221,7 @@ def image_size(model: keras.Model) -> int:
 
 def spec_from_dataset(model: keras.Model, dataset_info: dict,
                       thresholds_path: pathlib.Path | None = None) -> ServingSpec:
-    """ServingSpec from dataset.json and (optional) thresholds.json; refuses CLAHE datasets."""
+    """ServingSpec from dataset.json and (optional) thresholds.json; refuses LAB-CLAHE datasets."""
     task = dataset_info["task"]
     class_names = tuple(str(c) for c in dataset_info["class_names"])
     num_classes = int(dataset_info.get("num_classes", len(class_names)))
@@ -416,6 +416,8 @@ def preprocessing_json(spec: ServingSpec) -> dict:
             "(side round(2r), zero-padded where the frame clips it); crop='none': whole frame",
             "resize to dataset_image_size x dataset_image_size (area average when shrinking, "
             "bicubic when enlarging), round to uint8",
+            "clahe='green': cv2.createCLAHE(clahe_clip_limit, (clahe_tile_grid,) * 2) on the "
+            "green channel",
             "ben_graham: 4 * (img - GaussianBlur(img, sigma * dataset_image_size / 512)) + 128,"
             " black outside 95% of the inscribed circle (fundus crop only)",
             "input_pipeline.pipeline.preprocess_image: resize to the model size, float32 "
@@ -527,10 +529,12 @@ def _metric_sections(metrics: dict | None) -> list[str]:
 
 def _preprocessing_text(pp: serving.ServingConfig) -> str:
     crop = "fundus circle crop to its bounding square" if pp.crop == "fundus" else "no crop"
+    clahe = (f" -> CLAHE on the green channel (clip limit {pp.clahe_clip_limit}, "
+             f"{pp.clahe_tile_grid}x{pp.clahe_tile_grid} tiles)" if pp.clahe else "")
     ben = f" -> Ben Graham (sigma {pp.ben_graham_sigma} at 512 px)" if pp.ben_graham else ""
-    return (f"Decode (RGB) -> {crop} -> resize to {pp.dataset_image_size} px{ben} -> resize "
-            f"to the model input {pp.model_image_size} px, pixels in [0, 255] (normalisation "
-            "inside the model). CLAHE is not supported by the exported graph.")
+    return (f"Decode (RGB) -> {crop} -> resize to {pp.dataset_image_size} px{clahe}{ben} -> "
+            f"resize to the model input {pp.model_image_size} px, pixels in [0, 255] "
+            "(normalisation inside the model).")
 
 
 def model_card(spec: ServingSpec, dataset_info: dict, metrics: dict | None = None, *,

@@ -571,6 +571,7 @@ def summarize(cfg: PrepareConfig, source: sources.Source, plan: Plan,
               states: dict[str, dict], seconds: float, write_seconds: float) -> dict:
     """The dataset.json record; asserts rows read = written + rejected."""
     t, multilabel = plan.table, cfg.task == "multilabel"
+    pp_cfg = preprocess_config(cfg)
     written = {r for s in states.values() for r in s["written"]}
     rejected = _rejections(plan, states)
     read = len(t)
@@ -601,7 +602,9 @@ def summarize(cfg: PrepareConfig, source: sources.Source, plan: Plan,
             "image_size": cfg.image_size,
             "image_format": "jpeg",
             "preprocessing": {"crop": cfg.crop, "clahe": None if cfg.clahe == "none"
-                              else cfg.clahe, "ben_graham": cfg.ben_graham,
+                              else cfg.clahe, "clahe_clip_limit": pp_cfg.clahe_clip_limit,
+                              "clahe_tile_grid": pp_cfg.clahe_tile_grid,
+                              "ben_graham": cfg.ben_graham,
                               "ben_graham_sigma": cfg.ben_graham_sigma,
                               "jpeg_quality": cfg.jpeg_quality},
             "splits": split_records,

@@ -18,6 +18,7 @@ this graph; `ServingConfig.from_dataset_info` refuses it with a clear message
 import dataclasses
 import math
 
+import numpy as np
 import tensorflow as tf
 
 from input_pipeline import pipeline
@@ -47,25 +48,34 @@ class ServingConfig:
     dataset_image_size: int  # prepare's square output size (dataset.json "image_size")
     model_image_size: int  # the model's input size S
     crop: str = "fundus"  # "fundus" | "none"
+    clahe: str | None = None  # None | "green" (prepare's "lab" is refused: see from_dataset_info)
+    clahe_clip_limit: float = 2.0
+    clahe_tile_grid: int = 8
     ben_graham: bool = False
     ben_graham_sigma: float = 10.0  # at 512 px; scaled with dataset_image_size
     reduced_decode: bool = True  # JPEG DCT-domain downscale, as prepare does
 
     @classmethod
     def from_dataset_info(cls, dataset_info: dict, model_image_size: int) -> "ServingConfig":
-        """Builds the config from dataset.json; raises ValueError for CLAHE datasets."""
+        """Builds the config from dataset.json; ValueError for CLAHE on L of LAB.
+
+        Green-channel CLAHE is reproduced exactly (`clahe`); LAB CLAHE would also
+        need OpenCV's fixed-point RGB<->LAB conversion, which has no TF twin here.
+        """
         pp = dataset_info.get("preprocessing", {}) or {}
-        if pp.get("clahe"):
+        if pp.get("clahe") not in (None, "green"):
             raise ValueError(
-                f"The dataset was prepared with CLAHE ({pp['clahe']!r}), which has no "
-                "TensorFlow op, so the export signature cannot reproduce it. Re-prepare "
-                "the dataset without CLAHE, or apply CLAHE on the client and use the "
-                "tensor-input model (--format=onnx).")
+                f"The dataset was prepared with CLAHE {pp['clahe']!r}; the export signature "
+                "reproduces only green-channel CLAHE (prepare --clahe=green). Re-prepare the "
+                "dataset with --clahe=green or none, or apply CLAHE on the client and use "
+                "the tensor-input model (--format=onnx).")
         crop = pp.get("crop", "fundus") or "none"
         if crop not in ("fundus", "none"):
             raise ValueError(f"Unknown crop {crop!r} in dataset.json; expected 'fundus' or 'none'")
         return cls(dataset_image_size=int(dataset_info.get("image_size", model_image_size)),
-                   model_image_size=int(model_image_size), crop=crop,
+                   model_image_size=int(model_image_size), crop=crop, clahe=pp.get("clahe"),
+                   clahe_clip_limit=float(pp.get("clahe_clip_limit", 2.0)),
+                   clahe_tile_grid=int(pp.get("clahe_tile_grid", 8)),
                    ben_graham=bool(pp.get("ben_graham", False)),
                    ben_graham_sigma=float(pp.get("ben_graham_sigma", 10.0)),
                    reduced_decode=bool(pp.get("reduced_decode", True)))
@@ -504,6 +514,59 @@ def gaussian_blur(image: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
     return x[0]
 
 
+def clahe(channel: tf.Tensor, clip_limit: float = 2.0, tile_grid: int = 8) -> tf.Tensor:
+    """OpenCV's CLAHE (`cv2.createCLAHE(clip_limit, (n, n)).apply`), bit for bit, in TF ops.
+
+    Per tile: a 256-bin histogram, clipped at max(int(clip_limit * area / 256), 1)
+    with the excess spread evenly and its remainder over every k-th bin, its
+    cumulative sum scaled to [0, 255] as a look-up table; each pixel then mixes
+    the tables of its four nearest tile centres bilinearly. Sizes not divisible
+    by n are reflect-101 padded for the histograms, as OpenCV does.
+
+    Args:
+        channel: uint8 [H, W] with static H, W.
+    Returns:
+        uint8 [H, W].
+    """
+    h, w = channel.shape
+    n = tile_grid
+    v = tf.cast(channel, tf.int32)
+    # OpenCV pads both axes (by up to a whole tile) when either is not divisible.
+    ext = tf.pad(v, [[0, n - h % n], [0, n - w % n]], mode="REFLECT") if h % n or w % n else v
+    th, tw = ext.shape[0] // n, ext.shape[1] // n
+    tiles = tf.reshape(tf.transpose(tf.reshape(ext, [n, th, n, tw]), [0, 2, 1, 3]), [n * n, -1])
+    bins = n * n * 256
+    hist = tf.reshape(tf.math.bincount(tf.reshape(tiles + 256 * tf.range(n * n)[:, None], [-1]),
+                                       minlength=bins, maxlength=bins), [n * n, 256])
+    if clip_limit > 0:
+        limit = max(int(clip_limit * th * tw / 256), 1)
+        excess = tf.reduce_sum(tf.maximum(hist - limit, 0), axis=1, keepdims=True)
+        batch, residual = excess // 256, excess % 256
+        level = tf.range(256)[None]
+        step = tf.maximum(256 // tf.maximum(residual, 1), 1)
+        extra = (residual > 0) & (level % step == 0) & (level // step < residual)
+        hist = tf.minimum(hist, limit) + batch + tf.cast(extra, tf.int32)
+    scale = np.float32(255) / np.float32(th * tw)  # float32 arithmetic, as OpenCV
+    lut = tf.reshape(tf.round(tf.cast(tf.cumsum(hist, axis=1), tf.float32) * scale), [-1])
+
+    def neighbours(size, tile):  # the two tile indices each pixel mixes, and the weight
+        pos = tf.range(size, dtype=tf.float32) * (np.float32(1) / np.float32(tile)) - 0.5
+        first = tf.floor(pos)
+        i = tf.cast(first, tf.int32)
+        return tf.maximum(i, 0), tf.minimum(i + 1, n - 1), pos - first
+
+    x1, x2, xa = neighbours(w, tw)
+    y1, y2, ya = neighbours(h, th)
+    xa, ya = xa[None, :], ya[:, None]
+
+    def table(ty, tx):
+        return tf.gather(lut, (ty[:, None] * n + tx[None, :]) * 256 + v)
+
+    out = ((table(y1, x1) * (1 - xa) + table(y1, x2) * xa) * (1 - ya)
+           + (table(y2, x1) * (1 - xa) + table(y2, x2) * xa) * ya)
+    return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+
+
 def ben_graham(image: tf.Tensor, sigma: float, mask_field: bool = True) -> tf.Tensor:
     """Ben Graham's local average colour subtraction on uint8 [S, S, 3].
 
@@ -534,6 +597,9 @@ def prepare_image(image: tf.Tensor, config: ServingConfig) -> tf.Tensor:
         image = crop_fundus(image)
     image = resize(image, config.dataset_image_size)
     image = tf.ensure_shape(image, [config.dataset_image_size, config.dataset_image_size, 3])
+    if config.clahe == "green":
+        green = clahe(image[..., 1], config.clahe_clip_limit, config.clahe_tile_grid)
+        image = tf.stack([image[..., 0], green, image[..., 2]], axis=-1)
     if config.ben_graham:
         sigma = config.ben_graham_sigma * config.dataset_image_size / 512
         image = ben_graham(image, sigma, mask_field=config.crop == "fundus")

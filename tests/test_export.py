@@ -151,10 +151,27 @@ def test_saved_model_cli_shows_signature(exported):
         assert f"outputs['{name}']" in out
 
 
-def test_refuses_clahe_dataset(model):
+def test_refuses_lab_clahe_dataset(model):
     info = {**DATASET, "preprocessing": {"crop": "fundus", "clahe": "lab"}}
     with pytest.raises(ValueError, match="CLAHE"):
         exporting.spec_from_dataset(model, info)
+
+
+def test_green_clahe_dataset_exports_with_clahe_in_the_graph(model, tmp_path):
+    info = {**DATASET, "preprocessing": {"crop": "fundus", "clahe": "green",
+                                         "clahe_clip_limit": 2.0, "clahe_tile_grid": 8}}
+    spec = exporting.spec_from_dataset(model, info)
+    plain = exporting.spec_from_dataset(model, DATASET)
+    out = exporting.write_saved_model(model, spec, tmp_path, version=1)
+    images = tf.constant(_images())
+    got = tf.saved_model.load(str(out)).signatures["serving_default"](image_bytes=images)
+    want = exporting.in_memory_predictor(model, spec)(images)
+    without = exporting.in_memory_predictor(model, plain)(images)
+    np.testing.assert_allclose(got["probabilities"].numpy(), want["probabilities"].numpy(),
+                               atol=1e-4)
+    assert not np.allclose(want["probabilities"].numpy(), without["probabilities"].numpy(),
+                           atol=1e-4)  # CLAHE is really in the graph
+    assert "CLAHE on the green channel" in exporting.model_card(spec, info)
 
 
 def test_existing_version_is_not_overwritten(exported, model, spec):

@@ -104,6 +104,11 @@ def test_round_trip_labels_patients_and_pixels(tmp_path):
         on_disk = json.load(f)
     assert on_disk == summary
     assert on_disk["class_names"] == ["0", "1", "2", "3", "4"]
+    # Everything the export's serving graph must reproduce is recorded.
+    assert on_disk["preprocessing"] == {
+        "crop": cfg.crop, "clahe": None, "clahe_clip_limit": pcfg.clahe_clip_limit,
+        "clahe_tile_grid": pcfg.clahe_tile_grid, "ben_graham": False,
+        "ben_graham_sigma": pcfg.ben_graham_sigma, "jpeg_quality": 95}
     assert sum(s["num_examples"] for s in on_disk["splits"].values()) == 20
     assert np.sum([s["class_counts"] for s in on_disk["splits"].values()], axis=0).tolist() == \
         [4] * 5

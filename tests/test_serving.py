@@ -142,10 +142,36 @@ def test_batch_in_dataset_map_equals_eager():
     np.testing.assert_allclose(mapped, eager, atol=1e-3)
 
 
-def test_clahe_dataset_is_refused():
-    info = {"image_size": 256, "preprocessing": {"crop": "fundus", "clahe": "green"}}
-    with pytest.raises(ValueError, match="CLAHE"):
+@pytest.mark.parametrize("size,tiles,clip", [
+    (128, 8, 2.0), (100, 8, 2.0), (96, 8, 3.0), (130, 6, 1.0), (64, 8, 40.0), (64, 4, 0.0)])
+def test_clahe_matches_opencv_exactly(size, tiles, clip):
+    rng = np.random.default_rng(size)
+    green = synthetic_fundus(size, size, radius=0.45 * size, seed=size)[..., 1]
+    green = np.clip(green.astype(int) + rng.integers(-20, 20, green.shape), 0, 255)
+    green = green.astype(np.uint8)
+    want = cv2.createCLAHE(clipLimit=clip, tileGridSize=(tiles, tiles)).apply(green)
+    got = serving.clahe(tf.constant(green), clip, tiles).numpy()
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, want)
+
+
+def test_clahe_green_prepare_image_matches_numpy_path(tmp_path):
+    data = encode(CASES["rendered_wide_clipped"](), ".png")
+    want, _ = _numpy_path(tmp_path, data, ".png", clahe="green")
+    plain, _ = _numpy_path(tmp_path, data, ".png")
+    info = {"image_size": SIZE, "preprocessing": {"crop": "fundus", "clahe": "green",
+                                                   "clahe_clip_limit": 2.0, "clahe_tile_grid": 8}}
+    config = serving.ServingConfig.from_dataset_info(info, SIZE)
+    got = serving.prepare_image(serving.decode(tf.constant(data), SIZE), config).numpy()
+    assert np.abs(want.astype(float) - plain).mean() > 3.0  # CLAHE changes the image
+    assert np.abs(got.astype(float) - want).mean() < 3.0
+
+
+def test_lab_clahe_dataset_is_refused():
+    info = {"image_size": 256, "preprocessing": {"crop": "fundus", "clahe": "lab"}}
+    with pytest.raises(ValueError, match="green-channel CLAHE"):
         serving.ServingConfig.from_dataset_info(info, 224)
     config = serving.ServingConfig.from_dataset_info(
         {"image_size": 256, "preprocessing": {"crop": "none", "ben_graham": True}}, 224)
     assert (config.crop, config.ben_graham, config.dataset_image_size) == ("none", True, 256)
+    assert config.clahe is None
