@@ -8,8 +8,9 @@ a new Input -> the backbone (its output IS the last conv map, include_top=False)
 task model's own "gap" and "logits" layers, so weights are shared; "dropout" is skipped
 (identity at inference).
 
-Gradients use tf.GradientTape, so Grad-CAM runs on the TensorFlow backend only
-(KERAS_BACKEND=tensorflow, the CPU/CI default); Keras 3 has no backend-neutral gradient.
+Keras 3 has no backend-neutral gradient, so `_head_gradient` takes d score / d map with
+tf.GradientTape on the TensorFlow backend and jax.grad on JAX (the GPU host's backend).
+Only the head (gap -> logits) is differentiated: the map itself is a plain forward pass.
 
 What is explained (the "score" whose gradient weights the feature channels):
 - target = k (default): logit column k. softmax: class k; sigmoid binary: k = 0 (the
@@ -32,15 +33,40 @@ from models import heads
 _HEAD_LAYERS = ("backbone", "gap", "dropout", "logits")
 
 
+def _head_gradient(score, conv) -> np.ndarray:
+    """d sum(score(conv)) / d conv as float32 numpy, conv [B, h, w, C] (TF or JAX backend).
+
+    Images are independent at inference, so d sum / d A_i = d score_i / d A_i.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        conv = tf.convert_to_tensor(conv)
+        with tf.GradientTape() as tape:
+            tape.watch(conv)
+            total = tf.reduce_sum(score(conv))
+        return tape.gradient(total, conv).numpy().astype(np.float32)
+    if backend == "jax":
+        import jax
+
+        return np.asarray(jax.grad(lambda c: ops.sum(score(c)))(conv), np.float32)
+    raise RuntimeError(f"Grad-CAM supports the tensorflow and jax backends, not {backend!r}")
+
+
+def _check_layout(model: keras.Model) -> None:
+    names = [layer.name for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    if names != list(_HEAD_LAYERS):
+        raise ValueError(f"Grad-CAM expects layers {_HEAD_LAYERS} after the input, got {names}")
+
+
 def cam_model(model: keras.Model) -> keras.Model:
     """image [B, S, S, 3] in [0, 255] -> [conv map [B, h, w, C], logits [B, D]], sharing weights.
 
     Raises ValueError if `model` is not image -> backbone -> gap -> dropout -> logits
     (other layers would be silently skipped).
     """
-    names = [layer.name for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    if names != list(_HEAD_LAYERS):
-        raise ValueError(f"Grad-CAM expects layers {_HEAD_LAYERS} after the input, got {names}")
+    _check_layout(model)
     image = keras.Input(model.input_shape[1:], dtype="float32", name="image")
     conv = model.get_layer("backbone")(image)
     logits = model.get_layer("logits")(model.get_layer("gap")(conv))
@@ -90,31 +116,29 @@ def gradcam(model: keras.Model, images, target=0, score_fn=None,
         d score / d A_c, bilinearly resized to S x S, divided by its per-image max
         (all zeros where the map is zero everywhere).
     """
-    import tensorflow as tf  # Grad-CAM needs GradientTape (see module docstring)
-
-    if keras.backend.backend() != "tensorflow":
-        raise RuntimeError("Grad-CAM runs on the TensorFlow backend; set KERAS_BACKEND=tensorflow")
     images = np.asarray(images, np.float32)
     targets = np.broadcast_to(np.asarray(target, np.int32), (len(images),))
-    net = cam_model(model)
+    _check_layout(model)
+    backbone, gap, logits_layer = (model.get_layer(n) for n in ("backbone", "gap", "logits"))
     out = []
     for start in range(0, len(images), batch_size):
-        x = tf.constant(images[start:start + batch_size])
-        t = tf.constant(targets[start:start + batch_size])
-        with tf.GradientTape() as tape:
-            # Watch the pixels so every op up to the conv map is recorded even when no
-            # trainable variable precedes it (a frozen backbone has none).
-            tape.watch(x)
-            conv, logits = net(x, training=False)
-            score = score_fn(logits) if score_fn else tf.gather(logits, t, axis=1, batch_dims=1)
-            # Images are independent at inference, so d(sum)/dA_i = d score_i / dA_i.
-            total = tf.reduce_sum(score)
-        grads = tape.gradient(total, conv)
-        weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-        cam = tf.nn.relu(tf.reduce_sum(weights * conv, axis=-1))[..., None]
-        cam = tf.image.resize(cam, images.shape[1:3], method="bilinear")[..., 0]
-        peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
-        out.append(tf.math.divide_no_nan(cam, peak).numpy())
+        t = targets[start:start + batch_size]
+
+        def score(conv, t=t):
+            logits = logits_layer(gap(conv))
+            if score_fn is not None:
+                return score_fn(logits)
+            return ops.take_along_axis(logits, ops.convert_to_tensor(t[:, None]), axis=1)[:, 0]
+
+        conv = backbone(images[start:start + batch_size], training=False)
+        grads = _head_gradient(score, conv)
+        conv = ops.convert_to_numpy(conv).astype(np.float32)
+        weights = grads.mean(axis=(1, 2), keepdims=True)
+        cam = np.maximum((weights * conv).sum(axis=-1), 0.0)[..., None]
+        cam = ops.convert_to_numpy(ops.image.resize(cam, images.shape[1:3],
+                                                    interpolation="bilinear"))[..., 0]
+        peak = cam.max(axis=(1, 2), keepdims=True)
+        out.append(np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0))
     return np.concatenate(out).astype(np.float32)
 
 
