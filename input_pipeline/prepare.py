@@ -80,6 +80,9 @@ class PrepareConfig:
     ben_graham: bool = False
     ben_graham_sigma: float = 10.0
     jpeg_quality: int = 95
+    dark_threshold: float = preprocessing.DARK_MEAN_THRESHOLD
+    small_field_fraction: float = preprocessing.SMALL_FIELD_FRACTION
+    small_field_pixels: float = preprocessing.SMALL_FIELD_PIXELS
     split: str = "0.7,0.15,0.15"
     split_column: str | None = None
     group_column: str | None = None
@@ -107,6 +110,9 @@ def check_config(cfg: PrepareConfig) -> None:
               "workers": cfg.workers >= 1, "num_shards": cfg.num_shards >= 0,
               "examples_per_shard": cfg.examples_per_shard >= 1,
               "min_class_count": cfg.min_class_count >= 0,
+              "dark_threshold": 0 <= cfg.dark_threshold <= 255,
+              "small_field_fraction": cfg.small_field_fraction >= 0,
+              "small_field_pixels": cfg.small_field_pixels >= 0,
               "positive_threshold": cfg.positive_threshold is None or cfg.task == "binary",
               "out_dir": bool(cfg.out_dir)}
     for flag, ok in checks.items():
@@ -119,7 +125,9 @@ def preprocess_config(cfg: PrepareConfig) -> preprocessing.PreprocessConfig:
     return preprocessing.PreprocessConfig(
             image_size=cfg.image_size, crop=cfg.crop,
             clahe=None if cfg.clahe == "none" else cfg.clahe, ben_graham=cfg.ben_graham,
-            ben_graham_sigma=cfg.ben_graham_sigma, jpeg_quality=cfg.jpeg_quality)
+            ben_graham_sigma=cfg.ben_graham_sigma, jpeg_quality=cfg.jpeg_quality,
+            dark_threshold=cfg.dark_threshold, small_field_fraction=cfg.small_field_fraction,
+            small_field_pixels=cfg.small_field_pixels)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -618,6 +626,9 @@ def summarize(cfg: PrepareConfig, source: sources.Source, plan: Plan,
             "label_encoding": {"positive_threshold": cfg.positive_threshold,
                                "label_map": sources.parse_label_map(cfg.label_map)},
             "quality_flags": dict(sorted(quality.items())),
+            "quality_thresholds": {"dark_threshold": cfg.dark_threshold,
+                                   "small_field_fraction": cfg.small_field_fraction,
+                                   "small_field_pixels": cfg.small_field_pixels},
             "source": {"labels_csv": os.path.abspath(cfg.labels_csv) if cfg.labels_csv else None,
                        "images_dir": source.images_dir, "adapter": source.adapter},
             # Varies run to run (and covers only this run's shards after a resume).
@@ -686,6 +697,12 @@ def define_flags() -> None:
     flags.DEFINE_bool("ben_graham", False, "Ben Graham local-colour normalisation.")
     flags.DEFINE_float("ben_graham_sigma", 10.0, "Ben Graham blur sigma at 512 px.")
     flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality of the written images.")
+    flags.DEFINE_float("dark_threshold", preprocessing.DARK_MEAN_THRESHOLD,
+                       "Flag quality_too_dark below this mean luma (0-255) in the field.")
+    flags.DEFINE_float("small_field_fraction", preprocessing.SMALL_FIELD_FRACTION,
+                       "Flag quality_small_field below this field diameter / shorter side.")
+    flags.DEFINE_float("small_field_pixels", preprocessing.SMALL_FIELD_PIXELS,
+                       "... or below this field diameter in original pixels.")
     flags.DEFINE_string("split", "0.7,0.15,0.15", "train,val,test fractions.")
     flags.DEFINE_string("split_column", None, "Use this column's train/val/test instead.")
     flags.DEFINE_string("group_column", None, "Patient column for grouping (default patient_id).")
@@ -714,7 +731,9 @@ def config_from_flags(f=flags.FLAGS) -> PrepareConfig:
             class_names=tuple(f.class_names) if f.class_names else None,
             positive_threshold=f.positive_threshold, label_map=f.label_map,
             image_size=f.image_size, crop=f.crop, clahe=f.clahe, ben_graham=f.ben_graham,
-            ben_graham_sigma=f.ben_graham_sigma, jpeg_quality=f.jpeg_quality, split=f.split,
+            ben_graham_sigma=f.ben_graham_sigma, jpeg_quality=f.jpeg_quality,
+            dark_threshold=f.dark_threshold, small_field_fraction=f.small_field_fraction,
+            small_field_pixels=f.small_field_pixels, split=f.split,
             split_column=f.split_column, group_column=f.group_column,
             duplicates_csv=f.duplicates_csv, min_class_count=f.min_class_count,
             balance=f.balance, num_shards=f.num_shards,

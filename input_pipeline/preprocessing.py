@@ -70,6 +70,10 @@ class PreprocessConfig:
     clahe_clip_limit: float = 2.0
     clahe_tile_grid: int = 8
     reduced_decode: bool = True  # JPEG DCT-domain downscale when image_size allows
+    # Quality flags (recorded, never rejecting): see quality_flags.
+    dark_threshold: float = DARK_MEAN_THRESHOLD
+    small_field_fraction: float = SMALL_FIELD_FRACTION
+    small_field_pixels: float = SMALL_FIELD_PIXELS
 
 
 class Circle(NamedTuple):
@@ -624,7 +628,8 @@ def process_image(path: str, config: PreprocessConfig) -> tuple[np.ndarray, dict
             raise ImageError("no fundus field found")
     elif config.crop != "none":
         raise ValueError(f"unknown crop {config.crop!r}; expected 'fundus' or 'none'")
-    flags = quality_flags(img, circle, scale)
+    flags = quality_flags(img, circle, scale, config.dark_threshold,
+                          config.small_field_fraction, config.small_field_pixels)
     if circle is not None:
         img = crop_fundus(img, circle)
         info["circle"] = _to_original(circle, scale)

@@ -260,6 +260,22 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
     assert len(_shard_bytes(killed.out_dir)) == 4
 
 
+def test_quality_thresholds_are_flags_and_recorded(tmp_path):
+    csv_path, images = _make_dataset(tmp_path, [0, 1, 2, 3])
+    default = run(_config(tmp_path, csv_path, images, out="default"))
+    assert default["quality_flags"].get("quality_too_dark", 0) == 0
+    strict = run(_config(tmp_path, csv_path, images, out="strict", dark_threshold=255.0,
+                         small_field_pixels=10_000.0))
+    written = strict["rows"]["written"]
+    assert strict["quality_flags"] == {"quality_small_field": written,
+                                       "quality_too_dark": written}
+    assert strict["quality_thresholds"] == {"dark_threshold": 255.0,
+                                            "small_field_fraction": 0.5,
+                                            "small_field_pixels": 10_000.0}
+    with pytest.raises(ValueError, match="--dark_threshold"):
+        run(_config(tmp_path, csv_path, images, out="bad", dark_threshold=300.0))
+
+
 def test_upsampling_only_in_train_and_reuses_bytes(tmp_path):
     labels = [0] * 30 + [1] * 10
     csv_path, images = _make_dataset(tmp_path, labels)
