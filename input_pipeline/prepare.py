@@ -163,6 +163,9 @@ class Plan:
         """Hash of everything that determines the output bytes (not workers/overwrite)."""
         options = dataclasses.asdict(cfg)
         options.pop("workers"), options.pop("overwrite")
+        # 224 from Python and 224.0 from a float flag are the same plan.
+        options.update({f.name: float(options[f.name]) for f in dataclasses.fields(cfg)
+                        if f.type in (float, "float") and options[f.name] is not None})
         t = self.table
         blob = json.dumps({"cfg": options, "classes": self.class_names,
                            "rows": [list(t.abs_path), [str(y) for y in t.y], list(t.patient_id)],

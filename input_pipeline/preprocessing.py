@@ -46,7 +46,7 @@ _DETECT_MAX_SIDE = 512
 # relative to the shorter image side / in original pixels.
 DARK_MEAN_THRESHOLD = 20.0
 SMALL_FIELD_FRACTION = 0.5
-SMALL_FIELD_PIXELS = 224
+SMALL_FIELD_PIXELS = 224.0
 
 
 class ImageError(Exception):
