@@ -74,11 +74,11 @@ class ServingConfig:
             raise ValueError(f"Unknown crop {crop!r} in dataset.json; expected 'fundus' or 'none'")
         return cls(dataset_image_size=int(dataset_info.get("image_size", model_image_size)),
                    model_image_size=int(model_image_size), crop=crop, clahe=pp.get("clahe"),
-                   clahe_clip_limit=float(pp.get("clahe_clip_limit", 2.0)),
-                   clahe_tile_grid=int(pp.get("clahe_tile_grid", 8)),
-                   ben_graham=bool(pp.get("ben_graham", False)),
-                   ben_graham_sigma=float(pp.get("ben_graham_sigma", 10.0)),
-                   reduced_decode=bool(pp.get("reduced_decode", True)))
+                   clahe_clip_limit=float(pp.get("clahe_clip_limit", cls.clahe_clip_limit)),
+                   clahe_tile_grid=int(pp.get("clahe_tile_grid", cls.clahe_tile_grid)),
+                   ben_graham=bool(pp.get("ben_graham", cls.ben_graham)),
+                   ben_graham_sigma=float(pp.get("ben_graham_sigma", cls.ben_graham_sigma)),
+                   reduced_decode=bool(pp.get("reduced_decode", cls.reduced_decode)))
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
