@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.prepare_speed
 	$(PY) -m benchmarks.input_pipeline
 	$(PY) -m benchmarks.serving_latency
+	$(PY) -m benchmarks.serving_parity
 
 clean:
 	rm -rf $(DEMO_DATA) $(DEMO_RUN)
