@@ -7,12 +7,12 @@ saved_model: E/N/ is a SavedModel (TF Serving's versioned layout) whose
 probabilities, the tuned decision and the class names, plus model_card.md.
 onnx: E/N/model.onnx (tensor in: float32 [B, S, S, 3] in [0, 255]) with
 preprocessing.json describing what the client must do first.
-See evaluation/exporting.py.
+See serving/exporting.py.
 """
 
 from absl import app, flags, logging
 
-from evaluation import exporting
+from serving import exporting
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (operative_config.gin, checkpoints/).")

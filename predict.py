@@ -5,12 +5,12 @@
 
 PATHs are image files or folders (searched recursively). Unreadable or corrupt
 files get a row with their error; the others are still predicted. Grad-CAM
-overlays need the Keras model, hence --workdir. See evaluation/predicting.py.
+overlays need the Keras model, hence --workdir. See serving/predicting.py.
 """
 
 from absl import app, flags, logging
 
-from evaluation import predicting
+from serving import predicting
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Exported SavedModel version directory (E/N).")

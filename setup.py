@@ -33,7 +33,7 @@ setuptools.setup(
     python_requires=">=3.11,<3.13",
     packages=setuptools.find_packages(include=[
         "input_pipeline", "input_pipeline.*", "models", "models.*",
-        "evaluation", "evaluation.*", "training", "training.*"]),
+        "evaluation", "evaluation.*", "training", "training.*", "serving", "serving.*"]),
     py_modules=["train", "evaluate", "export", "predict"],
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

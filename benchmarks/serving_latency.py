@@ -43,8 +43,8 @@ def _photos(n: int, size: int, distinct: int = 8) -> list[bytes]:
 
 
 def _export(workdir: str) -> str:
-    from evaluation import exporting
     from models import build_model
+    from serving import exporting
 
     model = build_model(FLAGS.model, "dr_grade", 5, FLAGS.image_size)
     info = {"task": "dr_grade", "num_classes": 5, "class_names": list("01234"),

@@ -1,4 +1,4 @@
-"""evaluation.exporting / export.py: SavedModel with an image-bytes signature, ONNX, model card."""
+"""serving.exporting / export.py: SavedModel with an image-bytes signature, ONNX, model card."""
 
 import json
 import os
@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from evaluation import exporting, metrics, thresholds
+from evaluation import metrics, thresholds
 from input_pipeline import serving
 from models import build_model, heads
+from serving import exporting
 from tests.serving_helpers import encode, synthetic_fundus
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

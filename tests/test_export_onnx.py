@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from evaluation import exporting
 from models import build_model, heads
+from serving import exporting
 from tests.test_export import CLASSES, DATASET, S
 
 pytest.importorskip("tf2onnx")

@@ -1,4 +1,4 @@
-"""evaluation.predicting / predict.py: CSV predictions that survive bad files."""
+"""serving.predicting / predict.py: CSV predictions that survive bad files."""
 
 import csv
 import pathlib
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from evaluation import exporting, predicting
 from models import build_model
+from serving import exporting, predicting
 from tests.serving_helpers import encode, synthetic_fundus
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -22,8 +22,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from evaluation import exporting, gradcam
+from evaluation import gradcam
 from input_pipeline import serving
+from serving import exporting
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Magic numbers of what tf.io.decode_image reads; anything else is transcoded.

@@ -1,0 +1,1 @@
+"""Serving: export graph, SavedModel / ONNX / TFLite writers, predict, model card."""
