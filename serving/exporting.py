@@ -1,4 +1,4 @@
-"""Export a trained model for serving: SavedModel with an image-bytes signature, or ONNX.
+"""Export a trained model for serving: SavedModel with an image-bytes signature.
 
 The SavedModel written to `E/N/` (TF Serving's versioned layout) has two signatures:
 
@@ -28,9 +28,6 @@ import dataclasses
 import json
 import pathlib
 import shutil
-import subprocess
-import sys
-import tempfile
 
 import keras
 import numpy as np
@@ -40,8 +37,6 @@ from keras import ops
 from input_pipeline import serving
 from models import heads
 
-ONNX_OPSET = 17
-PREPROCESSING_JSON = "preprocessing.json"
 METADATA_JSON = "fundusflow.json"
 DECISION_NAMES = {"dr_grade": "grade", "binary": "class_id", "multiclass": "class_id",
                   "multilabel": "labels"}
@@ -197,18 +192,18 @@ def as_float32(model: keras.Model) -> keras.Model:
     A mixed_float16 model exports but computes in float16 (rel. error ~1e-4,
     docs/PITFALLS.md section 8), so it is rebuilt from its config under float32.
     """
-    if all(not layer.dtype_policy.name.startswith("mixed_") for layer in _all_layers(model)):
+    if all(not layer.dtype_policy.name.startswith("mixed_") for layer in all_layers(model)):
         return model
     twin = model.__class__.from_config(_float32_config(model.get_config()))
     twin.set_weights(model.get_weights())
     return twin
 
 
-def _all_layers(model: keras.Model):
+def all_layers(model: keras.Model):
     for layer in model.layers:
         yield layer
         if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
+            yield from all_layers(layer)
 
 
 def image_size(model: keras.Model) -> int:
@@ -296,7 +291,7 @@ def next_version(export_dir: pathlib.Path) -> int:
     return max(versions, default=0) + 1
 
 
-def _version_dir(export_dir, version: int | None) -> pathlib.Path:
+def version_dir(export_dir, version: int | None) -> pathlib.Path:
     export_dir = pathlib.Path(export_dir)
     version = next_version(export_dir) if version is None else int(version)
     out = export_dir / str(version)
@@ -306,7 +301,14 @@ def _version_dir(export_dir, version: int | None) -> pathlib.Path:
     return out
 
 
-def _publish(tmp: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+def staging_dir(out: pathlib.Path) -> pathlib.Path:
+    """An empty `.tmp-N` beside the version dir `out`, to be published into it when complete."""
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def publish(tmp: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     """Renames a finished temp dir into place: TF Serving never sees a half-written version."""
     tmp.rename(out)
     return out
@@ -318,9 +320,8 @@ def write_saved_model(model: keras.Model, spec: ServingSpec, export_dir,
 
     Returns the version directory.
     """
-    out = _version_dir(export_dir, version)
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    out = version_dir(export_dir, version)
+    tmp = staging_dir(out)
     archive = keras.export.ExportArchive()
     archive.track(model)
     # Endpoint order matters: the first one added is aliased to serving_default
@@ -334,157 +335,7 @@ def write_saved_model(model: keras.Model, spec: ServingSpec, export_dir,
     (tmp / METADATA_JSON).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
     if model_card is not None:
         (tmp / "model_card.md").write_text(model_card)
-    return _publish(tmp, out)
-
-
-# --------------------------------------------------------------------------- ONNX
-
-
-@keras.saving.register_keras_serializable(package="fundusflow")
-class ErfGelu(keras.layers.Layer):
-    """Exact GELU written as 0.5 x (1 + erf(x / sqrt 2)): tf2onnx has Erf but not Erfc."""
-
-    def call(self, x):
-        return 0.5 * x * (1.0 + ops.erf(x * 0.7071067811865476))
-
-
-def _is_depthwise_grouped(layer) -> bool:
-    return (type(layer) is keras.layers.Conv2D and layer.groups > 1
-            and layer.groups == layer.filters == layer.input.shape[-1])
-
-
-def _onnx_layer(layer):
-    """clone_function: grouped convs that are depthwise -> DepthwiseConv2D; GELU -> erf form."""
-    if _is_depthwise_grouped(layer):
-        return keras.layers.DepthwiseConv2D(
-            layer.kernel_size, strides=layer.strides, padding=layer.padding,
-            dilation_rate=layer.dilation_rate, use_bias=layer.use_bias,
-            activation=layer.activation, dtype=layer.dtype_policy, name=layer.name)
-    if (type(layer) is keras.layers.Activation
-            and layer.activation is keras.activations.gelu):
-        return ErfGelu(dtype=layer.dtype_policy, name=layer.name)
-    return layer.__class__.from_config(layer.get_config())
-
-
-def _copy_weights(source: keras.Model, clone: keras.Model) -> None:
-    """Weights by layer path; grouped-conv kernels [kh, kw, 1, C] -> depthwise [kh, kw, C, 1]."""
-    for old, new in zip(_all_layers(source), _all_layers(clone), strict=True):
-        if isinstance(old, keras.Model) or not old.weights:
-            continue
-        weights = old.get_weights()
-        if _is_depthwise_grouped(old):
-            weights[0] = np.transpose(weights[0], (0, 1, 3, 2))
-        new.set_weights(weights)
-
-
-def onnx_friendly(model: keras.Model) -> keras.Model:
-    """The model, or a clone that tf2onnx converts (docs/PITFALLS.md section 8).
-
-    Keras runs a grouped Conv2D inside a nested jit-compiled function, which
-    tf2onnx leaves as an unconvertible StatefulPartitionedCall, and exact GELU
-    lowers to Erfc, which tf2onnx lacks (ConvNeXt has both). The clone swaps
-    them for DepthwiseConv2D and the erf form, with the same weights.
-    """
-    layers = list(_all_layers(model))
-    if not any(_is_depthwise_grouped(layer) or (
-            type(layer) is keras.layers.Activation
-            and layer.activation is keras.activations.gelu) for layer in layers):
-        return model
-    clone = keras.models.clone_model(model, clone_function=_onnx_layer, recursive=True)
-    _copy_weights(model, clone)
-    return clone
-
-
-def onnx_fn(model: keras.Model, spec: ServingSpec):
-    """Tensor-in function for ONNX: logits too, so clients can re-calibrate."""
-    def serve(image):
-        logits = model(image, training=False)
-        return {"logits": logits, **postprocess(logits, spec)}
-    return serve
-
-
-def preprocessing_json(spec: ServingSpec) -> dict:
-    """What an ONNX client must do before the model (the graph cannot decode images)."""
-    s = spec.preprocess.model_image_size
-    return {
-        "input": {"name": "image", "dtype": "float32", "shape": [None, s, s, 3],
-                  "layout": "NHWC", "channels": "RGB", "value_range": [0, 255]},
-        "steps": [
-            "decode to uint8 RGB (JPEG: at the largest 1/2, 1/4, 1/8 DCT scale whose shorter "
-            "side stays >= dataset_image_size, when reduced_decode)",
-            "crop='fundus': find the field-of-view circle, crop its bounding square "
-            "(side round(2r), zero-padded where the frame clips it); crop='none': whole frame",
-            "resize to dataset_image_size x dataset_image_size (area average when shrinking, "
-            "bicubic when enlarging), round to uint8",
-            "clahe='green': cv2.createCLAHE(clahe_clip_limit, (clahe_tile_grid,) * 2) on the "
-            "green channel",
-            "ben_graham: 4 * (img - GaussianBlur(img, sigma * dataset_image_size / 512)) + 128,"
-            " black outside 95% of the inscribed circle (fundus crop only)",
-            "input_pipeline.pipeline.preprocess_image: resize to the model size, float32 "
-            "in [0, 255]; normalisation is inside the model",
-        ],
-        "reference_implementation": "input_pipeline.preprocessing.process_image, then "
-                                    "input_pipeline.pipeline.preprocess_image",
-        "config": spec.preprocess.to_json(),
-        **{k: v for k, v in spec.to_json().items() if k != "preprocessing"},
-    }
-
-
-def _convert_onnx(saved_model: pathlib.Path, output: pathlib.Path) -> None:
-    """tf2onnx's CLI on a SavedModel (the route that also works for EfficientNet)."""
-    cmd = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model),
-           "--signature_def", "serve", "--opset", str(ONNX_OPSET), "--output", str(output)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0 or not output.is_file():
-        raise RuntimeError(f"tf2onnx failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-
-
-def check_onnx(model: keras.Model, path: pathlib.Path, batch: int = 2,
-               rtol: float = 1e-4) -> float:
-    """Runs the ONNX model and the Keras model on the same random pixels.
-
-    Returns the relative difference of the logits, max|a - b| / max|b|; raises
-    RuntimeError above `rtol`.
-    """
-    import onnxruntime
-
-    s = image_size(model)
-    x = np.random.default_rng(0).uniform(0, 255, (batch, s, s, 3)).astype(np.float32)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x}), strict=True))
-    want = ops.convert_to_numpy(model(x, training=False))
-    rel = float(np.max(np.abs(got["logits"] - want)) / max(np.max(np.abs(want)), 1e-12))
-    if not rel < rtol:
-        raise RuntimeError(f"ONNX logits differ from Keras: relative difference {rel:.2e}")
-    return rel
-
-
-def write_onnx(model: keras.Model, spec: ServingSpec, export_dir, version: int | None = None,
-               model_card: str | None = None) -> pathlib.Path:
-    """Writes `export_dir/version/{model.onnx, preprocessing.json[, model_card.md]}`.
-
-    The ONNX model is the tensor-in model (float32 [B, S, S, 3] in [0, 255]) with
-    outputs logits, probabilities and the decision; decoding and fundus
-    cropping are the client's (preprocessing.json). Checked against Keras.
-    """
-    out = _version_dir(export_dir, version)
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    convertible = onnx_friendly(model)
-    archive = keras.export.ExportArchive()
-    archive.track(convertible)
-    archive.add_endpoint("serve", onnx_fn(convertible, spec),
-                         input_signature=[tensor_spec(spec.preprocess.model_image_size)])
-    with tempfile.TemporaryDirectory() as saved_model:
-        archive.write_out(saved_model, verbose=False)
-        _convert_onnx(pathlib.Path(saved_model), tmp / "model.onnx")
-    check_onnx(model, tmp / "model.onnx")
-    (tmp / PREPROCESSING_JSON).write_text(json.dumps(preprocessing_json(spec), indent=2) + "\n")
-    if model_card is not None:
-        (tmp / "model_card.md").write_text(model_card)
-    return _publish(tmp, out)
+    return publish(tmp, out)
 
 
 # --------------------------------------------------------------------------- model card
@@ -602,5 +453,7 @@ def export_workdir(workdir, export_dir, version: int | None = None,
     if fmt == "saved_model":
         return write_saved_model(model, spec, export_dir, version, card)
     if fmt == "onnx":
-        return write_onnx(model, spec, export_dir, version, card)
+        from serving import onnx_export  # builds on this module
+
+        return onnx_export.write_onnx(model, spec, export_dir, version, card)
     raise ValueError(f"Unknown format {fmt!r}; expected 'saved_model' or 'onnx'")

@@ -1,4 +1,4 @@
-"""ONNX export (slow: tf2onnx conversions): tensor-in model checked against Keras."""
+"""serving.onnx_export (slow: tf2onnx conversions): tensor-in model checked against Keras."""
 
 import json
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from models import build_model, heads
-from serving import exporting
+from serving import exporting, onnx_export
 from tests.test_export import CLASSES, DATASET, S
 
 pytest.importorskip("tf2onnx")
@@ -19,9 +19,9 @@ ort = pytest.importorskip("onnxruntime")
 def test_onnx_matches_keras(name, tmp_path):
     net = build_model(name, "dr_grade", 5, S)
     spec = exporting.spec_from_dataset(net, DATASET)
-    out = exporting.write_onnx(net, spec, tmp_path, version=3)
+    out = onnx_export.write_onnx(net, spec, tmp_path, version=3)
     assert out == tmp_path / "3"
-    pre = json.loads((out / exporting.PREPROCESSING_JSON).read_text())
+    pre = json.loads((out / onnx_export.PREPROCESSING_JSON).read_text())
     assert pre["input"]["shape"] == [None, S, S, 3] and pre["class_names"] == list(CLASSES)
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(2).uniform(0, 255, (3, S, S, 3)).astype(np.float32)
@@ -44,11 +44,11 @@ def test_onnx_friendly_clone_converts_grouped_conv_and_gelu(tmp_path):
     image = keras.Input((S, S, 3), name="image")
     feats = keras.layers.GlobalAveragePooling2D(name="gap")(backbone(image))
     net = keras.Model(image, keras.layers.Dense(2, name="logits")(feats))
-    clone = exporting.onnx_friendly(net)
-    kinds = {type(layer).__name__ for layer in exporting._all_layers(clone)}
+    clone = onnx_export.onnx_friendly(net)
+    kinds = {type(layer).__name__ for layer in exporting.all_layers(clone)}
     assert {"DepthwiseConv2D", "ErfGelu"} <= kinds and "Activation" not in kinds
     x = np.random.default_rng(3).uniform(0, 255, (2, S, S, 3)).astype(np.float32)
     np.testing.assert_allclose(clone(x).numpy(), net(x).numpy(), rtol=1e-5, atol=1e-5)
     info = {**DATASET, "task": "multiclass", "num_classes": 2, "class_names": ["a", "b"]}
-    out = exporting.write_onnx(net, exporting.spec_from_dataset(net, info), tmp_path)
+    out = onnx_export.write_onnx(net, exporting.spec_from_dataset(net, info), tmp_path)
     assert (out / "model.onnx").is_file()  # write_onnx checked it against Keras
