@@ -13,12 +13,15 @@ joined by ";"), error ("" when predicted).
 
 import csv
 import dataclasses
+import errno
 import json
+import os
 import pathlib
 from collections.abc import Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 from tqdm import tqdm
 
@@ -36,22 +39,41 @@ class InputError(Exception):
     """A file that cannot be predicted; the message is the CSV's `error`."""
 
 
+# What can be predicted: an image file's path, or a uint8 RGB array [H, W, 3].
+Source = pathlib.Path | np.ndarray
+
+
 def find_images(paths: Iterable[str | pathlib.Path]) -> list[pathlib.Path]:
     """Files as given plus, for folders, every image below them (recursive, sorted).
 
-    A named file is kept whatever its extension (so it gets a row, maybe an error);
-    inside folders only IMAGE_EXTENSIONS count. A missing path raises FileNotFoundError.
+    A named file is kept whatever its extension, and a missing one too, so each
+    gets a row (maybe an error). Inside folders only IMAGE_EXTENSIONS count,
+    broken symlinks (dangling or looping) included: they get an error row.
     """
     found = []
     for path in map(pathlib.Path, paths):
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*")
-                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        elif path.exists():
-            found.append(path)
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                            and (p.is_file() or _is_broken_link(p)))
         else:
-            raise FileNotFoundError(f"{path} does not exist")
+            found.append(path)
     return found
+
+
+def _is_broken_link(path: pathlib.Path) -> bool:
+    return path.is_symlink() and not path.exists()  # exists() is False on ELOOP too
+
+
+def _missing_reason(path: pathlib.Path) -> str:
+    """Why a path that does not resolve to a file cannot be read."""
+    if not path.is_symlink():
+        return "no such file"
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop"
+    return f"dangling symlink (its target {os.readlink(path)} does not exist)"
 
 
 def _tf_format(data: bytes) -> str | None:
@@ -60,6 +82,10 @@ def _tf_format(data: bytes) -> str | None:
 
 def read_for_serving(path: pathlib.Path) -> bytes:
     """Bytes the serving signature can decode; raises InputError with the reason."""
+    if not path.exists():
+        raise InputError(_missing_reason(path))
+    if path.is_dir():
+        raise InputError("a folder, not an image file")
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -80,6 +106,26 @@ def read_for_serving(path: pathlib.Path) -> bytes:
     return cv2.imencode(".png", image)[1].tobytes()
 
 
+def encode_array(image: np.ndarray) -> bytes:
+    """A raw photograph, uint8 RGB [H, W, 3], as PNG bytes (lossless) for `serving_default`.
+
+    Raises InputError for any other dtype or shape.
+    """
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
+            and image.shape[-1] == 3 and min(image.shape[:2]) > 0):
+        shape = list(getattr(image, "shape", []))
+        raise InputError(f"expected a uint8 RGB array [H, W, 3], got "
+                         f"{getattr(image, 'dtype', type(image).__name__)} {shape}")
+    return cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+def read_source(source: Source) -> bytes:
+    """Encoded bytes of a file path or an array; raises InputError with the reason."""
+    if isinstance(source, np.ndarray):
+        return encode_array(source)
+    return read_for_serving(pathlib.Path(source))
+
+
 # --------------------------------------------------------------------------- predictors
 
 
@@ -97,6 +143,33 @@ class Predictor:
     def __call__(self, images: Sequence[bytes]) -> dict[str, np.ndarray]:
         out = self.fn(tf.constant(list(images)))
         return {k: v.numpy() for k, v in out.items() if k != "class_names"}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Predictor":
+        """An exported SavedModel version directory (E/N) or a training workdir (W)."""
+        path = pathlib.Path(path)
+        if (path / exporting.METADATA_JSON).is_file():
+            return from_saved_model(path)
+        if (path / "operative_config.gin").is_file():
+            return from_workdir(path)
+        raise FileNotFoundError(f"{path}: neither an exported model version (no "
+                                f"{exporting.METADATA_JSON}) nor a training workdir (no "
+                                "operative_config.gin)")
+
+    def predict(self, inputs, batch_size: int = 16) -> pd.DataFrame:
+        """predict.py's CSV as a DataFrame, one row per input, in order.
+
+        Args:
+            inputs: an image path, a uint8 RGB array [H, W, 3] (a raw photograph,
+                not pre-processed), or a list mixing them; folders are searched as
+                predict.py does. A [N, H, W, 3] uint8 array counts as N photographs.
+        Returns:
+            The columns of `columns(self)`: `path` (the file, or `array[i]` for the
+            i-th input), probabilities (float, NaN on error rows), the decision and
+            `error` ("" when predicted). Bad inputs get their `error`, never raise.
+        """
+        rows = predict_files(self, _sources(inputs), batch_size, progress=False)
+        return _typed(pd.DataFrame(rows, columns=columns(self)))
 
 
 def from_saved_model(path: str | pathlib.Path) -> Predictor:
@@ -135,7 +208,38 @@ def _predict_batch(predictor: Predictor, images: list[bytes]) -> list[dict | str
         return [r for image in images for r in _predict_batch(predictor, [image])]
 
 
-def _row(path: pathlib.Path, predictor: Predictor, result: dict | str) -> dict:
+def _sources(inputs) -> list[Source]:
+    """Predictor.predict's inputs as a flat list of paths and [H, W, 3] arrays."""
+    if isinstance(inputs, np.ndarray):
+        return list(inputs) if inputs.ndim == 4 else [inputs]
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    sources = []
+    for item in inputs:
+        if isinstance(item, np.ndarray):
+            sources.append(item)
+        else:
+            sources += find_images([item])
+    return sources
+
+
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """CSV strings -> numbers in every column whose non-empty cells all are numbers."""
+    for name in frame.columns:
+        values = frame[name].replace("", None)
+        numbers = pd.to_numeric(values, errors="coerce")
+        if numbers.notna().sum() == values.notna().sum() and values.notna().any():
+            whole = numbers.dropna().eq(numbers.dropna().round()).all()
+            frame[name] = numbers.astype("Int64") if whole and name != "path" else numbers
+    return frame
+
+
+def _name(source: Source, index: int) -> str:
+    """The `path` cell of a source: the file, or `array[i]` (i: position in the inputs)."""
+    return f"array[{index}]" if isinstance(source, np.ndarray) else str(source)
+
+
+def _row(path: str | pathlib.Path, predictor: Predictor, result: dict | str) -> dict:
     row = {"path": str(path)}
     row.update({f"p_{c}": "" for c in predictor.class_names})
     if isinstance(result, str):
@@ -156,10 +260,13 @@ def columns(predictor: Predictor) -> list[str]:
     return ["path", *[f"p_{c}" for c in predictor.class_names], *decision, "error"]
 
 
-def predict_files(predictor: Predictor, paths: Sequence[pathlib.Path], batch_size: int = 16,
+def predict_files(predictor: Predictor, paths: Sequence[Source], batch_size: int = 16,
                   gradcam_dir: str | pathlib.Path | None = None,
                   progress: bool = True) -> list[dict]:
-    """One CSV row (dict) per path, in order; bad files get their `error`."""
+    """One CSV row (dict) per path (or array), in order; bad inputs get their `error`.
+
+    Grad-CAM overlays (`gradcam_dir`) are named after the files: paths only.
+    """
     rows = []
     with tqdm(total=len(paths), unit="img", disable=not progress or len(paths) <= batch_size,
               desc="predict") as bar:
@@ -170,13 +277,13 @@ def predict_files(predictor: Predictor, paths: Sequence[pathlib.Path], batch_siz
     return rows
 
 
-def _predict_chunk(predictor: Predictor, chunk: Sequence[pathlib.Path], offset: int,
+def _predict_chunk(predictor: Predictor, chunk: Sequence[Source], offset: int,
                    gradcam_dir) -> list[dict]:
     results: list[dict | str] = []
     good: dict[int, bytes] = {}
-    for i, path in enumerate(chunk):
+    for i, source in enumerate(chunk):
         try:
-            good[i] = read_for_serving(path)
+            good[i] = read_source(source)
             results.append("")
         except InputError as e:
             results.append(str(e))
@@ -186,7 +293,8 @@ def _predict_chunk(predictor: Predictor, chunk: Sequence[pathlib.Path], offset: 
         if gradcam_dir is not None:
             ok = {i: good[i] for i in good if not isinstance(results[i], str)}
             _write_gradcams(predictor, ok, [results[i] for i in ok], chunk, offset, gradcam_dir)
-    return [_row(path, predictor, r) for path, r in zip(chunk, results, strict=True)]
+    return [_row(_name(source, offset + i), predictor, r)
+            for i, (source, r) in enumerate(zip(chunk, results, strict=True))]
 
 
 def write_csv(rows: list[dict], fieldnames: list[str], path: str | pathlib.Path) -> None:

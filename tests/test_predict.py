@@ -58,8 +58,31 @@ def test_find_images_recursive(folder):
     assert names == ["a.jpg", "b.png", "empty.png", "c.tif", "corrupt.jpg", "truncated.jpg",
                      "text.jpeg"]  # sorted by path: sub/ before text.jpeg
     assert predicting.find_images([folder / "notes.txt"]) == [folder / "notes.txt"]
-    with pytest.raises(FileNotFoundError):
-        predicting.find_images([folder / "missing.jpg"])
+    # A missing path is kept (it gets an error row), not raised.
+    assert predicting.find_images([folder / "missing.jpg"]) == [folder / "missing.jpg"]
+
+
+def test_missing_paths_and_broken_symlinks_get_error_rows(folder, tmp_path):
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    (links / "loop.png").symlink_to(links / "loop.png")
+    (links / "ok.jpg").symlink_to(folder / "a.jpg")
+    (links / "dir.jpg").symlink_to(folder)  # a folder named like an image: not walked
+    found = predicting.find_images([links, folder / "missing.jpg", folder / "b.png"])
+    assert [p.name for p in found] == ["dangling.jpg", "loop.png", "ok.jpg", "missing.jpg",
+                                       "b.png"]
+    reasons = {}
+    for path in found:
+        try:
+            predicting.read_for_serving(path)
+            reasons[path.name] = ""
+        except predicting.InputError as e:
+            reasons[path.name] = str(e)
+    assert reasons == {"dangling.jpg": f"dangling symlink (its target {tmp_path / 'gone.jpg'} "
+                                       "does not exist)",
+                       "loop.png": "symlink loop", "ok.jpg": "", "missing.jpg": "no such file",
+                       "b.png": ""}
 
 
 def _check_rows(rows: list[dict], predictor) -> None:
@@ -98,20 +121,43 @@ def test_gradcam_overlays(folder, model_and_spec, tmp_path):
     assert overlay.shape == (S, S, 3)
 
 
-def test_cli_with_exported_model(folder, model_and_spec, tmp_path):
-    version = exporting.write_saved_model(*model_and_spec, tmp_path / "export")
+@pytest.fixture(scope="module")
+def exported(model_and_spec, tmp_path_factory) -> pathlib.Path:
+    return exporting.write_saved_model(*model_and_spec, tmp_path_factory.mktemp("export"))
+
+
+def _predict_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "predict.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_with_exported_model(folder, model_and_spec, exported, tmp_path):
     out = tmp_path / "preds.csv"
-    done = subprocess.run([sys.executable, str(REPO / "predict.py"), f"--model={version}",
-                           f"--out={out}", "--batch_size=4", str(folder)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    missing = folder / "missing.jpg"  # one missing argument does not abort the others
+    done = _predict_cli(f"--model={exported}", f"--out={out}", "--batch_size=4", str(folder),
+                        str(missing))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "3 predicted, 4 errors" in done.stdout
+    assert "3 predicted, 5 errors" in done.stdout
     with open(out, newline="") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == ["path", *[f"p_{c}" for c in CLASSES], "grade",
                                      "class_name", "error"]
         rows = list(reader)
-    _check_rows(rows, predicting.from_model(*model_and_spec))
+    assert rows[-1]["path"] == str(missing) and rows[-1]["error"] == "no such file"
+    _check_rows(rows[:-1], predicting.from_model(*model_and_spec))
+
+
+def test_cli_refuses_existing_out_without_overwrite(folder, exported, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image,dr_grade\na.jpg,2\n")
+    done = _predict_cli(f"--model={exported}", f"--out={labels}", str(folder / "a.jpg"))
+    assert done.returncode != 0
+    assert f"--out={labels} exists; pass --overwrite" in done.stderr
+    assert labels.read_text() == "image,dr_grade\na.jpg,2\n"
+    done = _predict_cli(f"--model={exported}", f"--out={labels}", "--overwrite",
+                        str(folder / "a.jpg"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert labels.read_text().startswith("path,p_0,")
 
 
 def test_multilabel_rows_join_present_labels():
@@ -124,3 +170,29 @@ def test_multilabel_rows_join_present_labels():
     assert row["labels"] == "dme;amd" and row["p_dr"] == "0.200000" and row["error"] == ""
     assert predicting.columns(predictor) == ["path", "p_dme", "p_dr", "p_amd", "labels",
                                              "error"]
+
+
+def test_predictor_api_paths_and_arrays(folder, exported, tmp_path):
+    from serving import Predictor
+
+    predictor = Predictor.load(exported)
+    image = synthetic_fundus(90, 120, radius=44, seed=5)
+    png = tmp_path / "photo.png"
+    png.write_bytes(encode(image, ".png"))  # lossless: the same pixels as `image`
+    bad = np.zeros((4, 4), np.float32)
+    frame = predictor.predict([png, image, bad, folder / "empty.png"], batch_size=3)
+    assert list(frame.columns) == predicting.columns(predictor)
+    assert frame["path"].tolist() == [str(png), "array[1]", "array[2]",
+                                      str(folder / "empty.png")]
+    assert frame["error"].tolist() == [
+        "", "", "expected a uint8 RGB array [H, W, 3], got float32 [4, 4]", "empty file (0 bytes)"]
+    probs = frame[[f"p_{c}" for c in CLASSES]].to_numpy(np.float64)
+    np.testing.assert_array_equal(probs[0], probs[1])
+    assert np.isnan(probs[2:]).all() and abs(probs[0].sum() - 1) < 1e-4
+    assert str(frame["grade"].dtype) == "Int64" and frame["grade"].isna().tolist() == [
+        False, False, True, True]
+    assert frame["class_name"][0] == CLASSES[frame["grade"][0]]
+    batch = predictor.predict(np.stack([image, image]))  # [N, H, W, 3]: N photographs
+    np.testing.assert_array_equal(batch[[f"p_{c}" for c in CLASSES]].to_numpy(), probs[:2])
+    with pytest.raises(FileNotFoundError, match="neither an exported model"):
+        Predictor.load(tmp_path)
