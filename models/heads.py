@@ -116,8 +116,9 @@ def _cumulative_probs(logits, head: str):
     """P(y > k) for k = 0..K-2, ``[B, K-1]``, non-increasing in k for CORN (product)."""
     probs = ops.sigmoid(logits)
     if head == "corn":
-        # CORN logits are conditional: P(y > k) = prod_{j <= k} P(y > j | y > j-1).
-        probs = ops.cumprod(probs, axis=-1)
+        # CORN logits are conditional: P(y > k) = prod_{j <= k} P(y > j | y > j-1), as
+        # exp(cumsum(log p)): TFLite has no Cumprod kernel (log 0 = -inf still gives 0).
+        probs = ops.exp(ops.cumsum(ops.log(probs), axis=-1))
     return probs
 
 

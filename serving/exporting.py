@@ -398,8 +398,9 @@ def model_card(spec: ServingSpec, dataset_info: dict, metrics: dict | None = Non
                  f"`probabilities`, `{spec.decision_name}`, `class_names`; `serve_tensor`: "
                  f"`image` float32 [B, {pp.model_image_size}, {pp.model_image_size}, 3] "
                  "in [0, 255]" if fmt == "saved_model" else
-                 f"`model.onnx`: `image` float32 [B, {pp.model_image_size}, "
-                 f"{pp.model_image_size}, 3] in [0, 255] -> logits, probabilities, "
+                 f"`model.{fmt}`: `image` float32 [B, {pp.model_image_size}, "
+                 f"{pp.model_image_size}, 3] in [0, 255] -> "
+                 f"{'logits, ' if fmt == 'onnx' else ''}probabilities, "
                  f"`{spec.decision_name}`; the client pre-processes (preprocessing.json)")
     lines = [
         f"# {title}", "", NOTICE, "",
@@ -443,9 +444,14 @@ def _read_json(path: pathlib.Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def export_workdir(workdir, export_dir, version: int | None = None,
-                   fmt: str = "saved_model") -> pathlib.Path:
-    """Exports a training workdir (best weights, tuned rule) as `export_dir/version/`."""
+def export_workdir(workdir, export_dir, version: int | None = None, fmt: str = "saved_model",
+                   quantization: str = "float32", data_dir: str | None = None) -> pathlib.Path:
+    """Exports a training workdir (best weights, tuned rule) as `export_dir/version/`.
+
+    fmt: "saved_model", "onnx" or "tflite" (then `quantization`: float32, float16
+    or int8; int8 calibrates on the train shards of `data_dir`, default the
+    workdir's own data_dir).
+    """
     workdir = pathlib.Path(workdir)
     model, spec, dataset_info = load_workdir(workdir)
     card = model_card(spec, dataset_info, _read_json(workdir / "eval" / "metrics.json"),
@@ -456,4 +462,15 @@ def export_workdir(workdir, export_dir, version: int | None = None,
         from serving import onnx_export  # builds on this module
 
         return onnx_export.write_onnx(model, spec, export_dir, version, card)
-    raise ValueError(f"Unknown format {fmt!r}; expected 'saved_model' or 'onnx'")
+    if fmt == "tflite":
+        from serving import tflite_export  # builds on this module
+        from training import experiment
+
+        representative = None
+        if quantization == "int8":
+            # load_workdir parsed the workdir's operative config: gin holds its data_dir.
+            data_dir = data_dir or experiment.resolved_train_config()["data_dir"]
+            representative = tflite_export.representative_images(data_dir, spec)
+        return tflite_export.write_tflite(model, spec, export_dir, version, card,
+                                          quantization, representative)
+    raise ValueError(f"Unknown format {fmt!r}; expected 'saved_model', 'onnx' or 'tflite'")

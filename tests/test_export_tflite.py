@@ -1,0 +1,115 @@
+"""serving.tflite_export / export.py --format=tflite: the tensor-in model in tf.lite.Interpreter."""
+
+import dataclasses
+import json
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from input_pipeline import features, serving
+from models import build_model
+from serving import exporting, tflite_export
+from tests.serving_helpers import encode, synthetic_fundus
+from tests.test_export import CLASSES, DATASET, RULE, S
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_and_spec():
+    keras.utils.set_random_seed(0)
+    model = build_model("resnetv2_lite", "dr_grade", 5, S)
+    spec = exporting.spec_from_dataset(model, DATASET)
+    return model, dataclasses.replace(spec, rule=RULE, temperature=1.5)
+
+
+@pytest.fixture(scope="module")
+def images(model_and_spec) -> np.ndarray:
+    """float32 [6, S, S, 3] in [0, 255]: synthetic photographs, serving pre-processing."""
+    photos = [encode(synthetic_fundus(90, 120, radius=44, seed=i, brightness=0.5 + 0.1 * i))
+              for i in range(6)]
+    return serving.preprocess_batch(tf.constant(photos), model_and_spec[1].preprocess).numpy()
+
+
+@pytest.fixture(scope="module")
+def saved_model(model_and_spec, tmp_path_factory) -> pathlib.Path:
+    path = tmp_path_factory.mktemp("tensor_saved_model")
+    tflite_export.write_tensor_saved_model(*model_and_spec, path)
+    return path
+
+
+def test_float32_and_float16_match_serve_tensor(model_and_spec, images, saved_model):
+    model, spec = model_and_spec
+    want = {k: keras.ops.convert_to_numpy(v)
+            for k, v in exporting.tensor_fn(model, spec)(images).items()}
+    sizes = {}
+    for quantization, atol in (("float32", 1e-5), ("float16", 1e-2)):
+        content = tflite_export.convert(saved_model, quantization)
+        sizes[quantization] = len(content)
+        got = tflite_export.TFLiteModel(content)(images)
+        assert set(got) == {"probabilities", "grade"}
+        np.testing.assert_allclose(got["probabilities"], want["probabilities"], atol=atol)
+        np.testing.assert_array_equal(got["grade"], want["grade"])
+    assert sizes["float16"] < 0.6 * sizes["float32"]  # float16 weights: half the bytes
+
+
+def test_unknown_quantization_and_int8_without_images_are_refused(saved_model):
+    with pytest.raises(ValueError, match="Unknown quantization 'int4'"):
+        tflite_export.convert(saved_model, "int4")
+    with pytest.raises(ValueError, match="int8 quantization needs representative images"):
+        tflite_export.convert(saved_model, "int8")
+
+
+@pytest.fixture(scope="module")
+def workdir(model_and_spec, images, tmp_path_factory) -> pathlib.Path:
+    """A trained workdir whose data_dir holds one train shard (int8 calibration images)."""
+    root = tmp_path_factory.mktemp("tflite_workdir")
+    data = root / "prepared"
+    data.mkdir()
+    with tf.io.TFRecordWriter(str(data / "train-00000-of-00001.tfrecord")) as writer:
+        for i in range(12):
+            png = encode(synthetic_fundus(DATASET["image_size"], DATASET["image_size"],
+                                          radius=30, seed=10 + i))
+            writer.write(features.serialize_example(png, i % 5, height=DATASET["image_size"],
+                                                    width=DATASET["image_size"]))
+    (data / "dataset.json").write_text(json.dumps(DATASET))
+    w = root / "run"
+    (w / "checkpoints").mkdir(parents=True)
+    (w / "operative_config.gin").write_text(
+        f"train.model = 'resnetv2_lite'\ntrain.image_size = {S}\ntrain.data_dir = '{data}'\n")
+    (w / "dataset.json").write_text(json.dumps(DATASET))
+    model_and_spec[0].save_weights(str(w / "checkpoints" / "best.weights.h5"))
+    return w
+
+
+def test_export_py_int8_loads_in_interpreter_and_agrees(workdir, model_and_spec, images):
+    out_base = workdir.parent / "export"
+    done = subprocess.run([sys.executable, str(REPO / "export.py"), f"--workdir={workdir}",
+                           f"--export_dir={out_base}", "--format=tflite",
+                           "--tflite_quantization=int8"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    version = out_base / "1"
+    assert sorted(p.name for p in version.iterdir()) == ["model.tflite", "model_card.md",
+                                                         "preprocessing.json"]
+    pre = json.loads((version / "preprocessing.json").read_text())
+    assert pre["quantization"] == "int8" and pre["class_names"] == list(CLASSES)
+    assert pre["input"]["shape"] == [None, S, S, 3] and pre["signature"] == "serve_tensor"
+    assert "`model.tflite`" in (version / "model_card.md").read_text()
+    # No thresholds.json in this workdir: the untuned rule, temperature 1.
+    model = model_and_spec[0]
+    spec = exporting.spec_from_dataset(model, DATASET)
+    want = exporting.tensor_fn(model, spec)(images)["probabilities"]
+    got = tflite_export.TFLiteModel(version / "model.tflite")(images)
+    assert got["grade"].dtype == np.int32 and got["grade"].shape == (len(images),)
+    np.testing.assert_allclose(got["probabilities"].sum(-1), 1.0, atol=1e-3)
+    # int8 is an approximation; its agreement on a trained model is a benchmark
+    # (benchmarks/tflite_agreement.py). Here: close on this untrained one.
+    assert np.abs(got["probabilities"] - keras.ops.convert_to_numpy(want)).max() < 0.05
+    # int8 weights: about a byte per parameter (float32 would be four).
+    assert (version / "model.tflite").stat().st_size < 2 * model.count_params()
