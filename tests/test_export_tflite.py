@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from input_pipeline import features, serving
+from input_pipeline import features
 from models import build_model
 from serving import exporting, tflite_export
 from tests.serving_helpers import encode, synthetic_fundus
@@ -29,11 +29,10 @@ def model_and_spec():
 
 
 @pytest.fixture(scope="module")
-def images(model_and_spec) -> np.ndarray:
-    """float32 [6, S, S, 3] in [0, 255]: synthetic photographs, serving pre-processing."""
-    photos = [encode(synthetic_fundus(90, 120, radius=44, seed=i, brightness=0.5 + 0.1 * i))
-              for i in range(6)]
-    return serving.preprocess_batch(tf.constant(photos), model_and_spec[1].preprocess).numpy()
+def images() -> np.ndarray:
+    """float32 [6, S, S, 3] in [0, 255]: synthetic fundus photographs at the model size."""
+    return np.stack([synthetic_fundus(S, S, radius=S / 2 - 1, seed=i, brightness=0.5 + 0.1 * i)
+                     for i in range(6)]).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +65,7 @@ def test_unknown_quantization_and_int8_without_images_are_refused(saved_model):
 
 
 @pytest.fixture(scope="module")
-def workdir(model_and_spec, images, tmp_path_factory) -> pathlib.Path:
+def workdir(model_and_spec, tmp_path_factory) -> pathlib.Path:
     """A trained workdir whose data_dir holds one train shard (int8 calibration images)."""
     root = tmp_path_factory.mktemp("tflite_workdir")
     data = root / "prepared"
