@@ -19,10 +19,11 @@ import json
 import os
 import pathlib
 
+import keras
 import numpy as np
 
 from evaluation import calibration, gradcam, metrics, report, thresholds
-from models import heads
+from models import decision
 
 
 @dataclasses.dataclass
@@ -33,11 +34,6 @@ class Predictions:
     labels: np.ndarray  # int64 [N] or 0/1 [N, C] (multilabel)
     patient_ids: np.ndarray  # str [N], "" when unknown
     sources: np.ndarray  # str [N]
-
-
-def _flips(images):
-    """TTA views of a float [B, S, S, 3] batch: identity, horizontal flip, vertical flip."""
-    return [images, images[:, :, ::-1], images[:, ::-1]]
 
 
 def _dataset(data_dir: str, split: str, config: dict, info: dict):
@@ -53,17 +49,12 @@ def _dataset(data_dir: str, split: str, config: dict, info: dict):
 
 def predict_split(model, data_dir: str, split: str, config: dict, info: dict,
                   tta: bool = False) -> Predictions:
-    """Logits for every example of `split`; with `tta`, the mean logits of the flips.
-
-    Averaging logits (not probabilities) keeps one rule for every head: calibration and
-    decisions then work on the averaged logits exactly as without TTA.
-    """
+    """Logits for every example of `split`; with `tta`, the mean logits of the flips
+    (`models.decision.served_logits`, the function the export graph runs)."""
     logits, labels, pids, sources = [], [], [], []
     for batch in _dataset(data_dir, split, config, info):
-        images = batch["image"].numpy()
-        views = _flips(images) if tta else [images]
-        outs = [np.asarray(model(v, training=False), np.float32) for v in views]
-        logits.append(np.mean(outs, axis=0))
+        out = decision.served_logits(model, batch["image"].numpy(), tta)
+        logits.append(np.asarray(keras.ops.convert_to_numpy(out), np.float32))
         labels.append(batch["label"].numpy())
         pids.append(batch["patient_id"].numpy().astype(str))
         sources.append(batch["source"].numpy().astype(str))
@@ -152,8 +143,10 @@ def write_predictions_csv(path, task, class_names, pred: Predictions, probs, dec
 
 
 def _probs(logits, temperature, head) -> np.ndarray:
-    return np.asarray(heads.probabilities(calibration.apply_temperature(logits, temperature)
-                                          .astype(np.float32), head), np.float64)
+    """Calibrated probabilities float64 [N, K], exactly as the served graph computes them."""
+    rule = {"type": "argmax"}  # any rule: only the probabilities are used
+    return np.asarray(decision.decide(logits, head, rule, temperature)["probabilities"],
+                      np.float64)
 
 
 def _dump(path, obj) -> None:
@@ -179,7 +172,7 @@ def evaluate(workdir: str, split: str = "test", data_dir: str | None = None,
     val_probs = _probs(val.logits, cal["temperature"], head)
     probs = _probs(test.logits, cal["temperature"], head)
     rule = thresholds.tune_rule(task, val.labels, val_probs, names)
-    decisions = thresholds.apply_rule(rule, probs)
+    decisions = decision.decide(test.logits, head, rule, cal["temperature"])["decision"]
 
     result = metrics.compute_metrics(task, test.labels, probs, decisions, names,
                                      test.patient_ids, n_boot=n_boot, seed=seed)

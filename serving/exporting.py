@@ -38,7 +38,7 @@ import tensorflow as tf
 from keras import ops
 
 from input_pipeline import serving
-from models import heads
+from models import decision, heads
 
 ONNX_OPSET = 17
 PREPROCESSING_JSON = "preprocessing.json"
@@ -54,9 +54,10 @@ class ServingSpec:
     task: str
     head: str
     class_names: tuple[str, ...]
-    rule: dict  # an evaluation.thresholds decision rule ({"type": ..., ...})
+    rule: dict  # a models.decision rule ({"type": ..., ...})
     preprocess: serving.ServingConfig
     temperature: float | tuple[float, ...] = 1.0  # logits are divided by it
+    tta: bool = False  # average the logits of the image and its flips (rule tuned so)
 
     @property
     def decision_name(self) -> str:
@@ -66,95 +67,48 @@ class ServingSpec:
         return {"task": self.task, "head": self.head, "class_names": list(self.class_names),
                 "decision_output": self.decision_name, "decision_rule": self.rule,
                 "temperature": (list(self.temperature) if isinstance(self.temperature, tuple)
-                                else self.temperature),
+                                else self.temperature), "tta": self.tta,
                 "preprocessing": self.preprocess.to_json()}
 
 
 # --------------------------------------------------------------------------- decision rule
 
 
-def default_rule(task: str, num_classes: int) -> dict:
-    """The untuned rule: threshold 0.5, argmax, rounding of the expected grade."""
-    if task == "binary":
-        return {"type": "binary_threshold", "threshold": 0.5}
-    if task == "multiclass":
-        return {"type": "argmax"}
-    if task == "dr_grade":
-        return {"type": "ordinal_cutpoints", "score": "expected_grade",
-                "cutpoints": [k + 0.5 for k in range(num_classes - 1)]}
-    if task == "multilabel":
-        return {"type": "per_class_thresholds", "thresholds": [0.5] * num_classes}
-    raise ValueError(f"Unknown task {task!r}")
-
-
-_RULE_TYPES = {"binary": "binary_threshold", "multiclass": "argmax",
-               "dr_grade": "ordinal_cutpoints", "multilabel": "per_class_thresholds"}
-
-
 def read_decision(path: pathlib.Path, task: str,
-                  num_classes: int) -> tuple[dict, float | list[float]]:
-    """(rule, temperature) from thresholds.json, or the defaults when the file is absent.
+                  num_classes: int) -> tuple[dict, float | list[float], bool]:
+    """(rule, temperature, tta) from thresholds.json, or the untuned defaults when absent.
 
-    The file is evaluate's {"task", "head", "temperature", "decision": rule}
-    (see evaluation/report.py); a bare rule ({"type": ...}) is accepted too.
+    The file is evaluate's {"task", "head", "temperature", "decision": rule, "tta"}
+    (see evaluation/run.py); a bare rule ({"type": ...}) is accepted too.
     Temperature: a float, or a list of C floats (per-label multilabel calibration).
+    tta: whether the rule was tuned on flip-averaged logits (the graph then averages too).
     """
     if not path.is_file():
-        return default_rule(task, num_classes), 1.0
+        return decision.default_rule(task, num_classes), 1.0, False
     data = json.loads(path.read_text())
     rule = data if "type" in data else data.get("decision", data.get("rule"))
-    if not isinstance(rule, dict) or rule.get("type") != _RULE_TYPES[task]:
-        raise ValueError(f"{path}: expected a {_RULE_TYPES[task]!r} decision rule for task "
-                         f"{task!r}, got {rule!r}")
+    decision.check_rule(rule, task, num_classes, where=str(path))
+    tta = bool(data.get("tta", False))
     temperature = data.get("temperature")
     if temperature is None:
-        return rule, 1.0
+        return rule, 1.0, tta
     if isinstance(temperature, list):
-        return rule, [float(t) for t in temperature]
-    return rule, float(temperature)
-
-
-def apply_rule(rule: dict, probs):
-    """keras.ops twin of `evaluation.thresholds.apply_rule`: probabilities -> int32 decision.
-
-    Args:
-        probs: float32 [B, K] class probabilities ([B, 2] for binary), or [B, C] per label.
-    Returns:
-        int32 [B] (binary / multiclass / dr_grade) or [B, C] (multilabel).
-    """
-    kind = rule["type"]
-    if kind == "binary_threshold":
-        return ops.cast(probs[:, 1] >= rule["threshold"], "int32")
-    if kind == "argmax":
-        return _first_argmax(probs)
-    if kind == "ordinal_cutpoints":
-        k = ops.cast(ops.arange(probs.shape[-1]), "float32")
-        score = ops.sum(probs * k[None, :], axis=-1)
-        cuts = ops.convert_to_tensor(np.asarray(rule["cutpoints"], np.float32))
-        return ops.sum(ops.cast(score[:, None] >= cuts[None, :], "int32"), axis=-1)
-    if kind == "per_class_thresholds":
-        t = ops.convert_to_tensor(np.asarray(rule["thresholds"], np.float32))
-        return ops.cast(probs >= t[None, :], "int32")
-    raise ValueError(f"Unknown decision rule {kind!r}")
-
-
-def _first_argmax(probs):
-    """int32 [B]: index of the first maximum of [B, K], as np.argmax.
-
-    Not ops.argmax: on TF, Keras implements it with a Bitcast (to order -0.0
-    and 0.0) that ONNX cannot hold.
-    """
-    k = probs.shape[-1]
-    is_max = probs >= ops.max(probs, axis=-1, keepdims=True)
-    reverse_index = ops.cast(k - ops.arange(k), "int32")[None, :]  # K .. 1
-    return k - ops.max(ops.where(is_max, reverse_index, 0), axis=-1)
+        return rule, [float(t) for t in temperature], tta
+    return rule, float(temperature), tta
 
 
 def postprocess(logits, spec: ServingSpec) -> dict:
-    """Logits float32 [B, D] -> {"probabilities": float32 [B, K], decision: int32} (keras.ops)."""
-    temperature = np.asarray(spec.temperature, np.float32)
-    probs = heads.probabilities(ops.cast(logits, "float32") / temperature, spec.head)
-    return {"probabilities": probs, spec.decision_name: apply_rule(spec.rule, probs)}
+    """Logits float32 [B, D] -> {"probabilities": float32 [B, K], decision: int32} (keras.ops).
+
+    `models.decision.decide`: the same function evaluate.py applies.
+    """
+    out = decision.decide(logits, spec.head, spec.rule, spec.temperature)
+    return {"probabilities": out["probabilities"], spec.decision_name: out["decision"]}
+
+
+def served_logits(model: keras.Model, images, spec: ServingSpec):
+    """Logits [B, D] of float32 [B, S, S, 3] images: flip-averaged when spec.tta (as evaluated)."""
+    return decision.served_logits(model, images, spec.tta)
 
 
 # --------------------------------------------------------------------------- model
@@ -226,13 +180,13 @@ def spec_from_dataset(model: keras.Model, dataset_info: dict,
     class_names = tuple(str(c) for c in dataset_info["class_names"])
     num_classes = int(dataset_info.get("num_classes", len(class_names)))
     preprocess = serving.ServingConfig.from_dataset_info(dataset_info, image_size(model))
-    rule, temperature = read_decision(thresholds_path or pathlib.Path("/nonexistent"), task,
-                                      num_classes)
+    rule, temperature, tta = read_decision(thresholds_path or pathlib.Path("/nonexistent"),
+                                           task, num_classes)
     if isinstance(temperature, list):
         temperature = tuple(temperature)
     return ServingSpec(task=task, head=infer_head(model, task, num_classes),
                        class_names=class_names, rule=rule, preprocess=preprocess,
-                       temperature=temperature)
+                       temperature=temperature, tta=tta)
 
 
 def load_workdir(workdir: str | pathlib.Path) -> tuple[keras.Model, ServingSpec, dict]:
@@ -255,7 +209,7 @@ def load_workdir(workdir: str | pathlib.Path) -> tuple[keras.Model, ServingSpec,
 def tensor_fn(model: keras.Model, spec: ServingSpec):
     """f(image float32 [B, S, S, 3] in [0, 255]) -> postprocess dict; backend-agnostic."""
     def serve_tensor(image):
-        return postprocess(model(image, training=False), spec)
+        return postprocess(served_logits(model, image, spec), spec)
     return serve_tensor
 
 
@@ -398,7 +352,7 @@ def onnx_friendly(model: keras.Model) -> keras.Model:
 def onnx_fn(model: keras.Model, spec: ServingSpec):
     """Tensor-in function for ONNX: logits too, so clients can re-calibrate."""
     def serve(image):
-        logits = model(image, training=False)
+        logits = served_logits(model, image, spec)
         return {"logits": logits, **postprocess(logits, spec)}
     return serve
 
@@ -440,8 +394,8 @@ def _convert_onnx(saved_model: pathlib.Path, output: pathlib.Path) -> None:
 
 
 def check_onnx(model: keras.Model, path: pathlib.Path, batch: int = 2,
-               rtol: float = 1e-4) -> float:
-    """Runs the ONNX model and the Keras model on the same random pixels.
+               rtol: float = 1e-4, tta: bool = False) -> float:
+    """Runs the ONNX model and the Keras model (flip-averaged when `tta`) on the same pixels.
 
     Returns the relative difference of the logits, max|a - b| / max|b|; raises
     RuntimeError above `rtol`.
@@ -453,7 +407,7 @@ def check_onnx(model: keras.Model, path: pathlib.Path, batch: int = 2,
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x}), strict=True))
-    want = ops.convert_to_numpy(model(x, training=False))
+    want = ops.convert_to_numpy(decision.served_logits(model, x, tta))
     rel = float(np.max(np.abs(got["logits"] - want)) / max(np.max(np.abs(want)), 1e-12))
     if not rel < rtol:
         raise RuntimeError(f"ONNX logits differ from Keras: relative difference {rel:.2e}")
@@ -480,7 +434,7 @@ def write_onnx(model: keras.Model, spec: ServingSpec, export_dir, version: int |
     with tempfile.TemporaryDirectory() as saved_model:
         archive.write_out(saved_model, verbose=False)
         _convert_onnx(pathlib.Path(saved_model), tmp / "model.onnx")
-    check_onnx(model, tmp / "model.onnx")
+    check_onnx(model, tmp / "model.onnx", tta=spec.tta)
     (tmp / PREPROCESSING_JSON).write_text(json.dumps(preprocessing_json(spec), indent=2) + "\n")
     if model_card is not None:
         (tmp / "model_card.md").write_text(model_card)

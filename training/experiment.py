@@ -34,7 +34,7 @@ from absl import logging
 import models
 from input_pipeline import augment, pipeline  # noqa: F401  (registers AugmentConfig in gin)
 from input_pipeline import inspect as inspect_lib
-from models import backbones, heads, losses, metrics  # noqa: F401  (backbones: gin configurables)
+from models import backbones, decision, heads, losses, metrics  # noqa: F401  (backbones: gin configurables)
 from training import callbacks as cb
 from training import optimizers
 
@@ -398,7 +398,8 @@ def _stage_callbacks(workdir, stage, best, patience, tb_info, val_ds, head, appe
     if tb_info:
         out.append(keras.callbacks.TensorBoard(tb_dir, write_graph=False, profile_batch=0))
         if tb_info["task"] != "multilabel" and head is not None:
-            out.append(cb.ConfusionMatrixImage(val_ds, _decoder(head), tb_info["class_names"],
+            decoder = _decoder(tb_info["task"], head, len(tb_info["class_names"]))
+            out.append(cb.ConfusionMatrixImage(val_ds, decoder, tb_info["class_names"],
                                                tb_dir))
     hang = os.environ.get(cb.HANG_ENV)
     if hang is not None:
@@ -406,8 +407,10 @@ def _stage_callbacks(workdir, stage, best, patience, tb_info, val_ds, head, appe
     return out
 
 
-def _decoder(head: str):
-    return lambda logits: heads.decode(logits, head)
+def _decoder(task: str, head: str, num_classes: int):
+    """logits -> decisions by the untuned rule, as the training metrics decide."""
+    rule = decision.default_rule(task, num_classes)
+    return lambda logits: decision.decide(logits, head, rule)["decision"]
 
 
 def _first_batches(train_ds, n: int) -> list:
