@@ -39,6 +39,7 @@ from keras import ops
 
 from input_pipeline import serving
 from models import decision, heads
+from serving import model_card as cards
 
 ONNX_OPSET = 17
 PREPROCESSING_JSON = "preprocessing.json"
@@ -441,104 +442,6 @@ def write_onnx(model: keras.Model, spec: ServingSpec, export_dir, version: int |
     return _publish(tmp, out)
 
 
-# --------------------------------------------------------------------------- model card
-
-NOTICE = ("**Not a medical device.** This model is a research artefact. It has not been "
-          "cleared or approved by any regulator (e.g. FDA, EU MDR) and must not be used to "
-          "diagnose, screen, triage or decide the treatment of any patient.")
-
-
-def _split_rows(dataset_info: dict, class_names) -> list[str]:
-    rows = ["| split | images | " + " | ".join(class_names) + " |",
-            "|---|---|" + "---|" * len(class_names)]
-    for split, info in (dataset_info.get("splits") or {}).items():
-        counts = info.get("class_counts") or []
-        rows.append(f"| {split} | {info.get('num_examples', '?')} | "
-                    + " | ".join(str(c) for c in counts) + " |")
-    return rows
-
-
-def _metric_sections(metrics: dict | None) -> list[str]:
-    """Headline metrics with their intervals, per split (metrics.json of evaluate)."""
-    if not metrics:
-        return ["No evaluation found (W/eval/metrics.json); run evaluate.py before relying "
-                "on this model."]
-    by_split = {"": metrics} if "headline" in metrics else {
-        k: v for k, v in metrics.items() if isinstance(v, dict) and "headline" in v}
-    lines = []
-    for split, m in by_split.items():
-        lines += [f"**{split or 'evaluation'}**: {m.get('num_examples', '?')} images, "
-                  f"{m.get('num_patients', '?')} patients.", "",
-                  "| metric | value | 95% CI |", "|---|---|---|"]
-        for name in m["headline"]:
-            value = m["metrics"].get(name)
-            ci = (m.get("confidence_intervals") or {}).get(name) or {}
-            interval = (f"[{ci['low']:.3f}, {ci['high']:.3f}]" if ci.get("low") is not None
-                        else ci.get("reason", "not computed"))
-            shown = "undefined" if value is None else f"{value:.3f}"
-            lines.append(f"| {name} | {shown} | {interval} |")
-        lines.append("")
-    return lines or ["metrics.json holds no headline metrics."]
-
-
-def _preprocessing_text(pp: serving.ServingConfig) -> str:
-    crop = "fundus circle crop to its bounding square" if pp.crop == "fundus" else "no crop"
-    clahe = (f" -> CLAHE on the green channel (clip limit {pp.clahe_clip_limit}, "
-             f"{pp.clahe_tile_grid}x{pp.clahe_tile_grid} tiles)" if pp.clahe else "")
-    ben = f" -> Ben Graham (sigma {pp.ben_graham_sigma} at 512 px)" if pp.ben_graham else ""
-    return (f"Decode (RGB) -> {crop} -> resize to {pp.dataset_image_size} px{clahe}{ben} -> "
-            f"resize to the model input {pp.model_image_size} px, pixels in [0, 255] "
-            "(normalisation inside the model).")
-
-
-def model_card(spec: ServingSpec, dataset_info: dict, metrics: dict | None = None, *,
-               title: str = "fundusflow model", fmt: str = "saved_model") -> str:
-    """Markdown model card: task, classes, data, metrics, rule, pre-processing, use, limits."""
-    pp = spec.preprocess
-    rows = dataset_info.get("rows") or {}
-    temperature = spec.to_json()["temperature"]
-    signature = ("`serving_default`: `image_bytes` (tf.string [B], JPEG/PNG) -> "
-                 f"`probabilities`, `{spec.decision_name}`, `class_names`; `serve_tensor`: "
-                 f"`image` float32 [B, {pp.model_image_size}, {pp.model_image_size}, 3] "
-                 "in [0, 255]" if fmt == "saved_model" else
-                 f"`model.onnx`: `image` float32 [B, {pp.model_image_size}, "
-                 f"{pp.model_image_size}, 3] in [0, 255] -> logits, probabilities, "
-                 f"`{spec.decision_name}`; the client pre-processes (preprocessing.json)")
-    lines = [
-        f"# {title}", "", NOTICE, "",
-        "## Model", "",
-        f"- Task: `{spec.task}` (head `{spec.head}`), {len(spec.class_names)} classes: "
-        + ", ".join(f"`{c}`" for c in spec.class_names),
-        f"- Interface: {signature}",
-        "",
-        "## Training data", "",
-        f"Source: {json.dumps(dataset_info.get('source', {}))}. Rows read "
-        f"{rows.get('read', '?')}, written {rows.get('written', '?')}, rejected "
-        f"{rows.get('rejected', '?')}; dropped classes: "
-        f"{dataset_info.get('dropped_classes') or 'none'}; balance: "
-        f"{dataset_info.get('balance', '?')}. Counts per class (positives per label for "
-        "multilabel):", "",
-        *_split_rows(dataset_info, spec.class_names), "",
-        "## Evaluation", "", *_metric_sections(metrics), "",
-        "## Decision rule", "",
-        f"Temperature {temperature}; rule `{spec.rule['type']}`: "
-        f"`{json.dumps({k: v for k, v in spec.rule.items() if k != 'details'})}`.", "",
-        "## Pre-processing", "",
-        _preprocessing_text(pp), "",
-        "## Intended use", "",
-        "Research and education on retinal images like the training data (same cameras, "
-        "populations and grading protocol); comparison of methods; a starting point for "
-        "properly validated development.", "",
-        "## Limitations", "",
-        "- Validated only on the splits above; performance on other cameras, populations, "
-        "image quality or disease prevalence is unknown and likely lower.",
-        "- Ungradable, non-fundus or very dark images still receive a prediction.",
-        "- Confidence intervals come from a patient-level bootstrap of one test split.",
-        "- Grad-CAM maps are not evidence that the model uses clinically meaningful features.",
-        "", NOTICE, ""]
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- entry point
 
 
@@ -551,8 +454,8 @@ def export_workdir(workdir, export_dir, version: int | None = None,
     """Exports a training workdir (best weights, tuned rule) as `export_dir/version/`."""
     workdir = pathlib.Path(workdir)
     model, spec, dataset_info = load_workdir(workdir)
-    card = model_card(spec, dataset_info, _read_json(workdir / "eval" / "metrics.json"),
-                      title=f"fundusflow {spec.task} model ({workdir.name})", fmt=fmt)
+    card = cards.model_card(spec, dataset_info, _read_json(workdir / "eval" / "metrics.json"),
+                            title=f"fundusflow {spec.task} model ({workdir.name})", fmt=fmt)
     if fmt == "saved_model":
         return write_saved_model(model, spec, export_dir, version, card)
     if fmt == "onnx":

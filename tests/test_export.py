@@ -14,7 +14,7 @@ import tensorflow as tf
 from evaluation import metrics, thresholds
 from input_pipeline import serving
 from models import build_model, heads
-from serving import exporting
+from serving import exporting, model_card
 from tests.serving_helpers import encode, synthetic_fundus
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def test_version_layout_and_model_card(exported):
     meta = json.loads((exported / exporting.METADATA_JSON).read_text())
     assert meta["decision_output"] == "grade" and meta["class_names"] == list(CLASSES)
     card = (exported / "model_card.md").read_text()
-    assert exporting.NOTICE in card and "ordinal_cutpoints" in card and "| train | 70 |" in card
+    assert model_card.NOTICE in card and "ordinal_cutpoints" in card and "| train | 70 |" in card
     assert "**test**: 40 images" in card and "| qwk |" in card  # metrics with intervals
     assert exporting.next_version(exported.parent) == 2
 
@@ -172,7 +172,7 @@ def test_green_clahe_dataset_exports_with_clahe_in_the_graph(model, tmp_path):
                                atol=1e-4)
     assert not np.allclose(want["probabilities"].numpy(), without["probabilities"].numpy(),
                            atol=1e-4)  # CLAHE is really in the graph
-    assert "CLAHE on the green channel" in exporting.model_card(spec, info)
+    assert "CLAHE on the green channel" in model_card.model_card(spec, info)
 
 
 def test_existing_version_is_not_overwritten(exported, model, spec):
