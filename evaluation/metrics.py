@@ -262,7 +262,8 @@ def compute_metrics(task: str, y_true, probs, decisions, class_names: Sequence[s
         y_true, probs, decisions: see the module docstring; `decisions` are the final
             (thresholded) predictions, so tuned thresholds are what gets measured.
         class_names: K (or C) names; for binary, the names of classes 0 and 1.
-        patient_ids: [N] ids for the patient-level bootstrap; None = image level.
+        patient_ids: [N] ids for the patient-level bootstrap; None, or every id "" (the
+            source has none: APTOS, IDRiD, RetinaMNIST...) = image level.
         n_boot: bootstrap replicates for the headline CIs (0 = no CIs).
         seed: bootstrap seed.
         referable_grade: dr_grade only; "referable" = grade >= this. Referable AUC uses
@@ -270,7 +271,8 @@ def compute_metrics(task: str, y_true, probs, decisions, class_names: Sequence[s
             specificity use the decided grade, i.e. the referral the system makes.
 
     Returns:
-        JSON-ready dict: task, class_names, num_examples, num_patients, headline (names),
+        JSON-ready dict: task, class_names, num_examples, num_patients (None without ids),
+        ci_unit ("patient" | "image": what the bootstrap resamples), headline (names),
         metrics (name -> float | None), confidence_intervals (headline name -> CI dict),
         per_class (name -> metric -> value), confusion_matrix (single-label, [K, K] lists,
         rows = truth) or label_confusion (multilabel: name -> tp/fp/fn/tn),
@@ -278,6 +280,8 @@ def compute_metrics(task: str, y_true, probs, decisions, class_names: Sequence[s
     """
     y, p, d = _prepare(task, y_true, probs, decisions)
     n, k = len(y), len(class_names)
+    if patient_ids is not None and not np.any(np.asarray(patient_ids).astype(str) != ""):
+        patient_ids = None  # no ids at all: each image is its own cluster, say so
     undefined: dict[str, str] = {}
     if task == "dr_grade":
         stats = _stats_dr_grade(y, p, d, k, referable_grade)
@@ -294,7 +298,9 @@ def compute_metrics(task: str, y_true, probs, decisions, class_names: Sequence[s
         "task": task,
         "class_names": list(class_names),
         "num_examples": int(n),
-        "num_patients": int(len(bootstrap.patient_groups(n, patient_ids)[1])),
+        "num_patients": (None if patient_ids is None
+                         else int(len(bootstrap.patient_groups(n, patient_ids)[1]))),
+        "ci_unit": "image" if patient_ids is None else "patient",
         "headline": list(HEADLINE[task]),
         "metrics": _evaluate({name: (lambda s=s: s(all_idx)) for name, s in stats.items()},
                              undefined),

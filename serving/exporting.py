@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from evaluation import thresholds
 from input_pipeline import serving
 from models import decision, heads
 from serving import model_card as cards
@@ -73,29 +74,6 @@ class ServingSpec:
 
 
 # --------------------------------------------------------------------------- decision rule
-
-
-def read_decision(path: pathlib.Path, task: str,
-                  num_classes: int) -> tuple[dict, float | list[float], bool]:
-    """(rule, temperature, tta) from thresholds.json, or the untuned defaults when absent.
-
-    The file is evaluate's {"task", "head", "temperature", "decision": rule, "tta"}
-    (see evaluation/run.py); a bare rule ({"type": ...}) is accepted too.
-    Temperature: a float, or a list of C floats (per-label multilabel calibration).
-    tta: whether the rule was tuned on flip-averaged logits (the graph then averages too).
-    """
-    if not path.is_file():
-        return decision.default_rule(task, num_classes), 1.0, False
-    data = json.loads(path.read_text())
-    rule = data if "type" in data else data.get("decision", data.get("rule"))
-    decision.check_rule(rule, task, num_classes, where=str(path))
-    tta = bool(data.get("tta", False))
-    temperature = data.get("temperature")
-    if temperature is None:
-        return rule, 1.0, tta
-    if isinstance(temperature, list):
-        return rule, [float(t) for t in temperature], tta
-    return rule, float(temperature), tta
 
 
 def postprocess(logits, spec: ServingSpec) -> dict:
@@ -181,8 +159,8 @@ def spec_from_dataset(model: keras.Model, dataset_info: dict,
     class_names = tuple(str(c) for c in dataset_info["class_names"])
     num_classes = int(dataset_info.get("num_classes", len(class_names)))
     preprocess = serving.ServingConfig.from_dataset_info(dataset_info, image_size(model))
-    rule, temperature, tta = read_decision(thresholds_path or pathlib.Path("/nonexistent"),
-                                           task, num_classes)
+    rule, temperature, tta = thresholds.read_decision(
+        thresholds_path or pathlib.Path("/nonexistent"), task, num_classes)
     if isinstance(temperature, list):
         temperature = tuple(temperature)
     return ServingSpec(task=task, head=infer_head(model, task, num_classes),
@@ -454,7 +432,9 @@ def export_workdir(workdir, export_dir, version: int | None = None,
     """Exports a training workdir (best weights, tuned rule) as `export_dir/version/`."""
     workdir = pathlib.Path(workdir)
     model, spec, dataset_info = load_workdir(workdir)
+    external = [_read_json(p) for p in sorted(workdir.glob("eval/external/*/metrics.json"))]
     card = cards.model_card(spec, dataset_info, _read_json(workdir / "eval" / "metrics.json"),
+                            external=external,
                             title=f"fundusflow {spec.task} model ({workdir.name})", fmt=fmt)
     if fmt == "saved_model":
         return write_saved_model(model, spec, export_dir, version, card)

@@ -5,8 +5,10 @@ decision rule, pre-processing, intended use and limitations.
 """
 
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from evaluation import report
 from input_pipeline import serving
 
 if TYPE_CHECKING:  # exporting imports this module
@@ -27,27 +29,54 @@ def _split_rows(dataset_info: dict, class_names) -> list[str]:
     return rows
 
 
-def _metric_sections(metrics: dict | None) -> list[str]:
-    """Headline metrics with their intervals, per split (metrics.json of evaluate)."""
-    if not metrics:
+def _evaluation_lines(m: dict, heading: str) -> list[str]:
+    """One evaluation (a metrics.json of evaluate.py): scope, size, headline metrics + CIs."""
+    unit = m.get("ci_unit", "patient")
+    patients = ("no patient ids in the source, so intervals are image-level"
+                if m.get("num_patients") is None else f"{m['num_patients']} patients")
+    lines = [f"**{heading}**: {m.get('num_examples', '?')} images, {patients}.", "",
+             *[f"- {line}" for line in report.scope_text(m)], "",
+             f"| metric | value | 95% CI ({unit}-level bootstrap) |", "|---|---|---|"]
+    for name in m["headline"]:
+        value = m["metrics"].get(name)
+        ci = (m.get("confidence_intervals") or {}).get(name) or {}
+        interval = (f"[{ci['low']:.3f}, {ci['high']:.3f}]" if ci.get("low") is not None
+                    else ci.get("reason", "not computed"))
+        shown = "undefined" if value is None else f"{value:.3f}"
+        lines.append(f"| {name} | {shown} | {interval} |")
+    return [*lines, ""]
+
+
+def _metric_sections(metrics: dict | None, external: Sequence[dict] = ()) -> list[str]:
+    """The evaluation on W's own data (W/eval/metrics.json), then each external one."""
+    if not metrics and not external:
         return ["No evaluation found (W/eval/metrics.json); run evaluate.py before relying "
                 "on this model."]
-    by_split = {"": metrics} if "headline" in metrics else {
-        k: v for k, v in metrics.items() if isinstance(v, dict) and "headline" in v}
     lines = []
-    for split, m in by_split.items():
-        lines += [f"**{split or 'evaluation'}**: {m.get('num_examples', '?')} images, "
-                  f"{m.get('num_patients', '?')} patients.", "",
-                  "| metric | value | 95% CI |", "|---|---|---|"]
-        for name in m["headline"]:
-            value = m["metrics"].get(name)
-            ci = (m.get("confidence_intervals") or {}).get(name) or {}
-            interval = (f"[{ci['low']:.3f}, {ci['high']:.3f}]" if ci.get("low") is not None
-                        else ci.get("reason", "not computed"))
-            shown = "undefined" if value is None else f"{value:.3f}"
-            lines.append(f"| {name} | {shown} | {interval} |")
-        lines.append("")
-    return lines or ["metrics.json holds no headline metrics."]
+    if metrics:
+        lines += _evaluation_lines(metrics, f"Split `{metrics.get('split', '?')}`")
+    for m in external:
+        lines += _evaluation_lines(m, f"External validation: split `{m.get('split', '?')}` "
+                                      f"of {m.get('data_dir', '?')}")
+    return lines
+
+
+def _tta_text(spec: "ServingSpec") -> str:
+    if spec.tta:
+        return ("Test-time augmentation: on. The served graph averages the logits of the "
+                "image and of its horizontal and vertical flips (3 forward passes), as "
+                "evaluate.py --tta did when it tuned this rule.")
+    return ("Test-time augmentation: off. The served graph runs one view, the one the rule "
+            "was tuned and evaluated on.")
+
+
+def _ci_limitation(metrics: dict | None) -> str:
+    if not metrics:
+        return "- No confidence intervals: the model was not evaluated."
+    unit = ("patient-level" if metrics.get("ci_unit", "patient") == "patient"
+            else "image-level (the source has no patient ids)")
+    return (f"- Confidence intervals come from a {unit} bootstrap of one "
+            f"`{metrics.get('split', '?')}` split.")
 
 
 def _preprocessing_text(pp: serving.ServingConfig) -> str:
@@ -61,8 +90,14 @@ def _preprocessing_text(pp: serving.ServingConfig) -> str:
 
 
 def model_card(spec: "ServingSpec", dataset_info: dict, metrics: dict | None = None, *,
-               title: str = "fundusflow model", fmt: str = "saved_model") -> str:
-    """Markdown model card: task, classes, data, metrics, rule, pre-processing, use, limits."""
+               external: Sequence[dict] = (), title: str = "fundusflow model",
+               fmt: str = "saved_model") -> str:
+    """Markdown model card: task, classes, data, metrics, rule, pre-processing, use, limits.
+
+    Args:
+        metrics: W/eval/metrics.json (evaluate.py on W's own data), or None.
+        external: the metrics.json of each external validation (W/eval/external/*/).
+    """
     pp = spec.preprocess
     rows = dataset_info.get("rows") or {}
     temperature = spec.to_json()["temperature"]
@@ -88,10 +123,11 @@ def model_card(spec: "ServingSpec", dataset_info: dict, metrics: dict | None = N
         f"{dataset_info.get('balance', '?')}. Counts per class (positives per label for "
         "multilabel):", "",
         *_split_rows(dataset_info, spec.class_names), "",
-        "## Evaluation", "", *_metric_sections(metrics), "",
+        "## Evaluation", "", *_metric_sections(metrics, external), "",
         "## Decision rule", "",
         f"Temperature {temperature}; rule `{spec.rule['type']}`: "
         f"`{json.dumps({k: v for k, v in spec.rule.items() if k != 'details'})}`.", "",
+        _tta_text(spec), "",
         "## Pre-processing", "",
         _preprocessing_text(pp), "",
         "## Intended use", "",
@@ -102,7 +138,7 @@ def model_card(spec: "ServingSpec", dataset_info: dict, metrics: dict | None = N
         "- Validated only on the splits above; performance on other cameras, populations, "
         "image quality or disease prevalence is unknown and likely lower.",
         "- Ungradable, non-fundus or very dark images still receive a prediction.",
-        "- Confidence intervals come from a patient-level bootstrap of one test split.",
+        _ci_limitation(metrics),
         "- Grad-CAM maps are not evidence that the model uses clinically meaningful features.",
         "", NOTICE, ""]
     return "\n".join(lines)

@@ -22,6 +22,7 @@ import inspect
 import json
 import math
 import os
+import pathlib
 import shutil
 import time
 
@@ -473,6 +474,23 @@ def resolved_train_config() -> dict:
               if p.default is not inspect.Parameter.empty and k != "resume"}
     config.update(gin.get_bindings(train))
     return config
+
+
+def resolve_data_dir(workdir: str, data_dir: str) -> str:
+    """The training data dir as seen from here; the config stores it as train was given it.
+
+    A relative path was relative to the directory train ran from, usually an ancestor of
+    the workdir (`make demo`: demo_run/data beside demo_run/w). Tries, in order: the path
+    itself (absolute, or relative to the current directory), then the path under each
+    ancestor of the workdir; the first holding a dataset.json wins. Returns `data_dir`
+    unchanged when none does (the caller then names the missing files).
+    """
+    if os.path.isabs(data_dir) or os.path.isfile(os.path.join(data_dir, "dataset.json")):
+        return data_dir
+    for parent in pathlib.Path(os.path.abspath(workdir)).parents:
+        if (parent / data_dir / "dataset.json").is_file():
+            return str(parent / data_dir)
+    return data_dir
 
 
 def build_from_config(workdir: str, load_weights: bool = True):
