@@ -18,6 +18,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from models import decision
 from serving import exporting
 
 ONNX_OPSET = 17
@@ -84,7 +85,7 @@ def onnx_friendly(model: keras.Model) -> keras.Model:
 def onnx_fn(model: keras.Model, spec: exporting.ServingSpec):
     """Tensor-in function for ONNX: logits too, so clients can re-calibrate."""
     def serve(image):
-        logits = model(image, training=False)
+        logits = exporting.served_logits(model, image, spec)
         return {"logits": logits, **exporting.postprocess(logits, spec)}
     return serve
 
@@ -126,8 +127,8 @@ def _convert_onnx(saved_model: pathlib.Path, output: pathlib.Path) -> None:
 
 
 def check_onnx(model: keras.Model, path: pathlib.Path, batch: int = 2,
-               rtol: float = 1e-4) -> float:
-    """Runs the ONNX model and the Keras model on the same random pixels.
+               rtol: float = 1e-4, tta: bool = False) -> float:
+    """Runs the ONNX model and the Keras model (flip-averaged when `tta`) on the same pixels.
 
     Returns the relative difference of the logits, max|a - b| / max|b|; raises
     RuntimeError above `rtol`.
@@ -139,7 +140,7 @@ def check_onnx(model: keras.Model, path: pathlib.Path, batch: int = 2,
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x}), strict=True))
-    want = ops.convert_to_numpy(model(x, training=False))
+    want = ops.convert_to_numpy(decision.served_logits(model, x, tta))
     rel = float(np.max(np.abs(got["logits"] - want)) / max(np.max(np.abs(want)), 1e-12))
     if not rel < rtol:
         raise RuntimeError(f"ONNX logits differ from Keras: relative difference {rel:.2e}")
@@ -165,7 +166,7 @@ def write_onnx(model: keras.Model, spec: exporting.ServingSpec, export_dir,
     with tempfile.TemporaryDirectory() as saved_model:
         archive.write_out(saved_model, verbose=False)
         _convert_onnx(pathlib.Path(saved_model), tmp / "model.onnx")
-    check_onnx(model, tmp / "model.onnx")
+    check_onnx(model, tmp / "model.onnx", tta=spec.tta)
     (tmp / PREPROCESSING_JSON).write_text(json.dumps(preprocessing_json(spec), indent=2) + "\n")
     if model_card is not None:
         (tmp / "model_card.md").write_text(model_card)
