@@ -30,9 +30,7 @@ import pathlib
 import shutil
 
 import keras
-import numpy as np
 import tensorflow as tf
-from keras import ops
 
 from evaluation import thresholds
 from input_pipeline import serving
