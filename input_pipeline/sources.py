@@ -118,7 +118,7 @@ def _check_row_widths(text: str, path: str) -> None:
     pandas would silently turn a row with one field too many into an index
     (shifting every value one column left) and pad a short row with NaN.
     """
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         width = len(next(reader))
         for row in reader:
