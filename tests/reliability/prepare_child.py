@@ -67,7 +67,10 @@ def kill_at(kind: str, n: int, flags: list[str], marker: str, timeout: float = 3
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
     log_path = marker + ".log"  # a file, not a pipe: a full pipe would stall the child
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        # Own session: after the fault (SIGKILL of prepare itself), the group kill
+        # below also ends its orphaned pool workers.
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log,
+                                start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while not os.path.exists(marker) and proc.poll() is None:
@@ -77,6 +80,7 @@ def kill_at(kind: str, n: int, flags: list[str], marker: str, timeout: float = 3
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
+            _kill_group(proc.pid)
             return "killed"
         if proc.returncode != 0:
             with open(log_path, errors="replace") as f:
@@ -86,6 +90,15 @@ def kill_at(kind: str, n: int, flags: list[str], marker: str, timeout: float = 3
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+        _kill_group(proc.pid)
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILLs what is left of the child's process group (its pool workers)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 if __name__ == "__main__":
