@@ -513,12 +513,13 @@ def encode_label(raw, spec: LabelSpec, class_names: Sequence[str],
 def _encode_single(raw: str, spec: LabelSpec, class_names: Sequence[str]):
     if raw == "":
         return None, UNKNOWN_LABEL
-    if _non_finite(raw):
-        return None, f"label {raw!r} is not a finite number"
     if spec.label_map is not None:
         if raw not in spec.label_map:
             return None, f"label {raw!r} not in --label_map"
         index = spec.label_map[raw]
+    elif _non_finite(raw) and (spec.positive_threshold is not None or raw not in class_names):
+        # A class may be named "Inf" (a folder, --class_names); a number cannot be nan.
+        return None, f"label {raw!r} is not a finite number"
     elif spec.task == "binary" and spec.positive_threshold is not None:
         value = _as_number(raw)
         if value is None:

@@ -271,3 +271,10 @@ def test_npz_nan_and_fractional_labels_reach_encode_label(tmp_path):
     src = sources.load_source("npz", SourceArgs(labels_csv=str(npz_path),
                                                 out_dir=str(tmp_path / "out")))
     assert list(src.table.label) == ["1", "nan", "2.5"]
+
+
+def test_a_class_named_inf_is_a_class_not_a_number():
+    spec = LabelSpec("multiclass", class_names=("Inf", "normal"))
+    assert sources.encode_label("Inf", spec, ["Inf", "normal"]) == (0, None)
+    assert sources.encode_label("nan", spec, ["Inf", "normal"], ["folder"]) == (
+            None, "label 'nan' is not a finite number, column 'folder'")
