@@ -728,6 +728,13 @@ def _rejections(plan: Plan, states: dict[str, dict]) -> list[tuple[int, str, str
     return sorted(out)
 
 
+def _reason_kind(reason: str) -> str:
+    """A rejection reason without its per-row details (other row, link target), so that
+    dataset.json's rejected_reasons histogram stays small; rejected.csv keeps them."""
+    reason = re.sub(r"\brow \d+", "row N", reason)
+    return re.sub(r" \((resolves )?to .*\)$", "", reason)
+
+
 def summarize(cfg: PrepareConfig, source: sources.Source, plan: Plan,
               states: dict[str, dict], seconds: float, write_seconds: float) -> dict:
     """The dataset.json record; asserts rows read = written + rejected."""
@@ -754,7 +761,7 @@ def summarize(cfg: PrepareConfig, source: sources.Source, plan: Plan,
     quality = collections.Counter()
     for s in states.values():
         quality.update(s["quality"])
-    reasons = collections.Counter(reason for _, _, reason in rejected)
+    reasons = collections.Counter(_reason_kind(reason) for _, _, reason in rejected)
     return {
             "task": cfg.task,
             "num_classes": len(plan.class_names),

@@ -132,6 +132,8 @@ def test_symlinks_escaping_dangling_or_looping_are_rejected(tmp_path):
             "dangling.png": f"dangling symlink (to {str(img_dir / 'gone.png')!r})",
             "loop_a.png": "symlink loop"}
     assert summary["rows"]["written"] == 5  # link_in.png: same bytes and label as img_000
+    assert summary["rejected_reasons"] == {"dangling symlink": 1, "symlink loop": 1,
+                                           "path outside --images_dir": 2}
     _check_rows(summary, _rejected(cfg.out_dir))
 
 
@@ -219,6 +221,8 @@ def test_label_conflicts_reject_every_conflicting_row_and_are_listed(tmp_path):
             {"kind": "identical bytes", "rows": [1, 8],
              "paths": ["img_001.png", "copy_of_1.png"], "labels": ["1", "3"]}]
     assert summary["rows"]["label_conflicts"] == 4
+    assert summary["rejected_reasons"] == {"duplicate row": 1, "label conflict with row N": 2,
+                                           "label conflict with row N (identical bytes)": 2}
     assert summary["split"]["groups_merged_by_identical_bytes"] == 1  # copy_of_2 joins img_002
     _check_rows(summary, rejected)
 
