@@ -142,12 +142,23 @@ def _kill_config(csv_path, out_dir) -> PrepareConfig:
                          class_names=("0", "1", "2"), image_size=64, num_shards=6, workers=1)
 
 
-def _fault_point(rng: random.Random, summary: dict) -> tuple[str, int]:
-    """A random (kind, n) among every point where the run can be killed."""
-    counts = {"image": summary["rows"]["read"] - 1,  # the nan row is never read
-              "record": summary["rows"]["written"],
-              "sidecar": sum(len(s["files"]) for s in summary["splits"].values())}
-    kind = rng.choice(sorted(counts))
+def _fault_point(rng: random.Random, reference: pathlib.Path,
+                 out: pathlib.Path) -> tuple[str, int] | None:
+    """A random (kind, n) among the points where a (re-)run into `out` can still be
+    killed, counted from the reference run's sidecars of the shards `out` lacks;
+    None when nothing is left to do."""
+    counts = collections.Counter()
+    for sidecar in (reference / ".state").glob("*.tfrecord.json"):
+        if (out / ".state" / sidecar.name).exists():
+            continue  # finished before: the re-run skips it
+        state = json.loads(sidecar.read_text())
+        counts["image"] += len(state["written"]) + len(state["rejected"])
+        counts["record"] += state["num_records"]
+        counts["sidecar"] += 1
+    kinds = sorted(k for k, n in counts.items() if n > 0)
+    if not kinds:
+        return None
+    kind = rng.choice(kinds)
     return kind, rng.randint(1, counts[kind])
 
 
@@ -160,7 +171,7 @@ def prepare_kill9_resume(tmp: pathlib.Path, quick: bool) -> Result:
     seed = 0 if quick else int(time.time())
     rng = random.Random(seed)
     csv_path = _kill_dataset(tmp / "data", 16 if quick else 40)
-    reference_summary = run(_kill_config(csv_path, tmp / "reference"))
+    run(_kill_config(csv_path, tmp / "reference"))
     want = _snapshot(str(tmp / "reference"))
     faults = survived = lost = unexpected = 0
     notes = [f"seed {seed}"]
@@ -168,7 +179,10 @@ def prepare_kill9_resume(tmp: pathlib.Path, quick: bool) -> Result:
         out = tmp / f"run{k}"
         points = []
         for _ in range(1 if quick else 2):
-            kind, n = _fault_point(rng, reference_summary)
+            point = _fault_point(rng, tmp / "reference", out)
+            if point is None:
+                break
+            kind, n = point
             workers = 1 if kind == "image" else 2  # image faults hook the main process
             outcome = prepare_child.kill_at(kind, n, _kill_flags(csv_path, out, workers),
                                             str(tmp / f"marker{k}{len(points)}"))
