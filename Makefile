@@ -8,7 +8,7 @@ DEMO_RUN := demo_run
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint reliability clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ $(STAMP): setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The fault and bad-input suite (kill -9, bad files, bad CSVs, ...): prints one table,
+# fails on any lost record or unexpected crash. `make test` runs its quick version.
+reliability: $(STAMP)
+	$(PY) -m tests.reliability.run
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

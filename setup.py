@@ -21,7 +21,9 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # jax: tests check that models/ gives the same numbers on the GPU host's backend.
-    "test": ["pytest==9.2.0", "ruff==0.17.6", "jax==0.10.2", "jaxlib==0.10.2"],
+    # hypothesis: property-based tests of decoding / field detection (tests/test_properties.py).
+    "test": ["pytest==9.2.0", "ruff==0.17.6", "jax==0.10.2", "jaxlib==0.10.2",
+             "hypothesis==6.170.17"],
     "onnx": ["tf2onnx==1.17.0", "onnx==1.23.1", "onnxruntime==1.30.0"],
     "jax": ["jax==0.10.2", "jaxlib==0.10.2"],
 }

@@ -19,7 +19,6 @@ Every measurement runs in its own subprocess so that its peak RSS
 over --batches batches after --warmup batches (autotune settles). Not a test.
 """
 
-import glob
 import json
 import os
 import resource
@@ -95,9 +94,9 @@ def _train_sources() -> list[tuple[str, int]]:
     """(source path relative to source_dir, label) of every training record."""
     import tensorflow as tf
 
-    from input_pipeline import features
+    from input_pipeline import features, pipeline
 
-    files = sorted(glob.glob(os.path.join(_prepared_dir(), "train-*.tfrecord")))
+    files = pipeline.shard_files(os.path.join(_prepared_dir(), "train-*.tfrecord"))
     out = []
     for record in tf.data.TFRecordDataset(files):
         f = features.parse_example(record, "binary")

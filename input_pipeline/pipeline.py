@@ -17,6 +17,7 @@ Per-example augmentation seeds are `fold_in(seed, element index)`, so with
 `deterministic=True` two iterations of two datasets built alike are identical.
 """
 
+import fnmatch
 import functools
 import glob
 import json
@@ -87,6 +88,46 @@ def augment(features: dict, config: augment_lib.AugmentConfig, seed) -> dict:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def shard_files(file_pattern: str) -> list[str]:
+    """The shard files `file_pattern` names, e.g. "data/train-*.tfrecord" (sorted).
+
+    With a dataset.json in the pattern's folder, exactly the files it lists whose
+    names match the pattern: prepare records each split's shards there, and
+    shards of an earlier plan left in the folder must never be read (the glob
+    would mix them in). Without one (shards from elsewhere), the glob.
+    Raises FileNotFoundError when nothing matches or a listed shard is missing.
+    """
+    folder, pattern = os.path.split(file_pattern)
+    info_path = os.path.join(folder, "dataset.json")
+    if not os.path.exists(info_path):
+        files = sorted(glob.glob(file_pattern))
+    else:
+        with open(info_path) as f:
+            info = json.load(f)
+        files = sorted(os.path.join(folder, name)
+                       for split in info.get("splits", {}).values()
+                       for name in split.get("files", []) if fnmatch.fnmatch(name, pattern))
+        for path in files:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: listed in {info_path} but missing; "
+                                        "re-run prepare")
+        unlisted = sorted(set(glob.glob(file_pattern)) - set(files))
+        if unlisted:
+            logging.warning("%d shard files match %s but are not listed in %s (e.g. %s): "
+                            "left from an earlier prepare, not read", len(unlisted),
+                            file_pattern, info_path, unlisted[0])
+    if not files:
+        raise FileNotFoundError(f"No files match {file_pattern!r}")
+    return files
+
+
+def _files_or_none(file_pattern: str) -> list[str]:
+    try:
+        return shard_files(file_pattern)
+    except FileNotFoundError:
+        return []
 
 
 def read_dataset_info(files: list[str]) -> dict | None:
@@ -177,7 +218,8 @@ def make_dataset(file_pattern: str, batch_size: int, training: bool, image_size:
     """Batches of prepared TFRecords for `fit` / `evaluate` / `predict`.
 
     Args:
-        file_pattern: glob of shard files, e.g. "data/train-*.tfrecord".
+        file_pattern: shard files, e.g. "data/train-*.tfrecord": the ones dataset.json
+            lists when it is there (`shard_files`), else the glob.
         batch_size: examples per batch; training drops the remainder (static batch dim).
         training: shuffle, repeat, sample, augment; otherwise files in order, once.
         image_size: model input size S.
@@ -209,9 +251,7 @@ def make_dataset(file_pattern: str, batch_size: int, training: bool, image_size:
         float32 [B, C]), or dicts of `keep_keys` (tf.string [B] for the info keys).
     """
     _check_sampling(sampling, task)
-    files = sorted(glob.glob(file_pattern))
-    if not files:
-        raise FileNotFoundError(f"No files match {file_pattern!r}")
+    files = shard_files(file_pattern)
     repeat = training if repeat is None else repeat
     keep_keys = INFO_KEYS if with_info else (tuple(keep_keys) if keep_keys else None)
     config = (augment_config or augment_lib.AugmentConfig()) if training else None
@@ -259,13 +299,13 @@ def make_dataset(file_pattern: str, batch_size: int, training: bool, image_size:
 
 def num_examples(file_pattern: str) -> int | None:
     """num_examples from dataset.json for the split these shards form, else None."""
-    files = sorted(glob.glob(file_pattern))
+    files = _files_or_none(file_pattern)
     split = _split_info(read_dataset_info(files), files)
     return None if split is None else int(split["num_examples"])
 
 
 def class_counts_of(file_pattern: str) -> np.ndarray | None:
     """dataset.json's class_counts for the split these shards form, else None."""
-    files = sorted(glob.glob(file_pattern))
+    files = _files_or_none(file_pattern)
     split = _split_info(read_dataset_info(files), files)
     return None if split is None else np.asarray(split["class_counts"])

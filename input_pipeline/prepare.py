@@ -17,10 +17,24 @@ How it works:
    function of the CSV, the flags and --seed.
 3. Images stream through a process pool (spawn: workers never import
    TensorFlow) that returns JPEG bytes; the main process serialises and writes
-   one shard at a time to `<shard>.tmp`, renames it when complete and then writes
-   `.state/<shard>.json`. Memory is bounded by one shard, not by the dataset.
+   one shard at a time to `<shard>.fundusflow-partial`, renames it when complete
+   and then writes `.state/<shard>.json`. Memory is bounded by one shard, not by
+   the dataset; --workers (default: auto) is bounded by CPUs and by available
+   memory / WORKER_MEMORY_BYTES.
 4. A re-run with the same plan skips finished shards and redoes the others, so
-   a run killed at any point and re-run gives byte-identical shards.
+   a run killed at any point and re-run gives byte-identical shards. An out_dir
+   holding shards of another plan (or shards with no .state record) is refused
+   unless --overwrite; only prepare's own files are ever deleted.
+5. dataset.json lists the exact shard files of each split; readers
+   (pipeline.shard_files) read that list, never a glob.
+
+Rows rejected before any image is read (rejected.csv reasons): paths escaping
+--images_dir by name or through a symlink, dangling or looping symlinks,
+unknown / non-finite / out-of-range labels (naming value and column), a file
+listed twice ("duplicate row"; with different labels every such row is
+"label conflict with row N"), byte-identical files with different labels
+("label conflict with row N (identical bytes)"). dataset.json["label_conflicts"]
+lists the conflicting sets.
 
 --num_shards is the TOTAL number of shards, shared between the splits in
 proportion to their rows (at least one per non-empty split); 0 (default) means
@@ -35,10 +49,13 @@ rows per CSV line, left eye first).
 import collections
 import csv
 import dataclasses
+import errno
 import hashlib
 import json
 import multiprocessing
 import os
+import re
+import sys
 import threading
 import time
 
@@ -56,8 +73,9 @@ CROPS = ("fundus", "none")
 CLAHES = ("none", "green", "lab")
 BALANCES = ("none", "upsample")
 STATE_DIR = ".state"
-PAUSE_ENV = "FUNDUSFLOW_PREPARE_PAUSE_AFTER_SHARDS"  # test hook: see _maybe_pause
-PAUSE_MARKER_ENV = "FUNDUSFLOW_PREPARE_PAUSE_MARKER"
+TMP_SUFFIX = sources.TMP_SUFFIX
+SHARD_NAME = re.compile(r"(train|val|test)-\d{5}-of-\d{5}\.tfrecord")
+OUTPUT_FILES = ("dataset.json", "rejected.csv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +139,48 @@ def check_config(cfg: PrepareConfig) -> None:
             raise ValueError(f"--{flag}: invalid value {getattr(cfg, flag)!r}{only}")
 
 
+# Memory one worker may need at peak: the largest image the pixel cap admits,
+# decoded and converted (a few copies of 60 MP x 3 bytes), plus its encoded bytes.
+WORKER_MEMORY_BYTES = 1536 << 20
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux MemAvailable, capped by a cgroup v2
+    limit when the process runs in a container), or None when unknown."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        if limit != "max":
+            found.append(max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def default_workers(memory: int | None = None, cpus: int | None = None) -> int:
+    """min(usable CPUs, available memory // WORKER_MEMORY_BYTES), at least 1.
+
+    One process per CPU would multiply the peak of a huge image by the core count
+    (issue: 5.9 GB per 60 MP 16-bit RGBA PNG) and get the run OOM-killed.
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+    memory = available_memory() if memory is None else memory
+    by_memory = cpus if memory is None else memory // WORKER_MEMORY_BYTES
+    return max(1, min(cpus, by_memory))
+
+
 def preprocess_config(cfg: PrepareConfig) -> preprocessing.PreprocessConfig:
     return preprocessing.PreprocessConfig(
             image_size=cfg.image_size, crop=cfg.crop,
@@ -158,6 +218,7 @@ class Plan:
     dropped_classes: list[str]
     shards: list[Shard]
     split_info: dict
+    label_conflicts: list[dict] = dataclasses.field(default_factory=list)
 
     def fingerprint(self, cfg: PrepareConfig) -> str:
         """Hash of everything that determines the output bytes (not workers/overwrite)."""
@@ -174,32 +235,109 @@ class Plan:
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def resolve_path(path: str, images_dir: str) -> tuple[str, str, str | None]:
-    """-> (absolute path, path relative to images_dir, reason it is unusable or None)."""
+def resolve_path(path: str, images_dir: str,
+                 real_dir: str | None = None) -> tuple[str, str, str | None]:
+    """-> (absolute path, path relative to images_dir, reason it is unusable or None).
+
+    A path must stay inside images_dir by name *and* once symlinks are resolved
+    (`real_dir`: images_dir's real path; computed when not given): a link to
+    another folder would otherwise smuggle in files the README promises to reject.
+    A dangling or looping symlink is rejected here too. A plain missing file is
+    left to the image reader, which names it.
+    """
     if not path:
         return "", "", "empty path"
     full = os.path.normpath(path if os.path.isabs(path) else os.path.join(images_dir, path))
     rel = os.path.relpath(full, images_dir)
-    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+    if _escapes(rel):
         return full, rel, "path outside --images_dir"
-    return full, rel, None
+    return full, rel, _link_problem(full, real_dir or os.path.realpath(images_dir))
+
+
+def _escapes(rel: str) -> bool:
+    return rel == os.pardir or rel.startswith(os.pardir + os.sep)
+
+
+def _link_problem(full: str, real_dir: str) -> str | None:
+    """Why a path inside images_dir by name is unusable through its symlinks, or None."""
+    if os.path.lexists(full) and not os.path.exists(full):
+        try:
+            os.stat(full)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return "symlink loop"
+        return f"dangling symlink (to {os.readlink(full)!r})" if os.path.islink(full) \
+            else "dangling symlink"
+    real = os.path.realpath(full)
+    if _escapes(os.path.relpath(real, real_dir)):
+        return f"path outside --images_dir (resolves to {real})"
+    return None
 
 
 def _pre_reject(table: pd.DataFrame, source: sources.Source, spec: sources.LabelSpec,
-                class_names: list[str]) -> None:
-    """Adds abs_path, rel_path, y, reason: path, duplicate-row and label checks."""
-    resolved = [resolve_path(p, source.images_dir) for p in table["path"]]
+                class_names: list[str]) -> tuple[list[dict], list[list[int]]]:
+    """Adds abs_path, rel_path, y, reason: path, label, duplicate-row and conflict checks.
+
+    Returns (label conflicts for dataset.json, sets of kept rows with identical bytes).
+    """
+    real_dir = os.path.realpath(source.images_dir)
+    resolved = [resolve_path(p, source.images_dir, real_dir) for p in table["path"]]
     table["abs_path"] = [r[0] for r in resolved]
     table["rel_path"] = [r[1] for r in resolved]
-    reasons = [r[2] for r in resolved]
-    seen = set()
-    for i, (full, reason) in enumerate(zip(table["abs_path"], reasons, strict=True)):
-        if reason is None and full in seen:
-            reasons[i] = "duplicate row"  # same file listed twice: the first row wins
-        seen.add(full)
-    encoded, label_reasons = sources.encode_labels(table, spec, class_names)
+    encoded, label_reasons = sources.encode_labels(table, spec, class_names,
+                                                   source.label_columns)
     table["y"] = pd.Series(encoded, dtype=object)
-    table["reason"] = [r or lr for r, lr in zip(reasons, label_reasons, strict=True)]
+    table["reason"] = pd.Series([r[2] or lr for r, lr in zip(resolved, label_reasons,
+                                                                strict=True)], dtype=object)
+    conflicts = _reject_duplicate_rows(table)
+    same_bytes = [rows for rows in _identical_rows(table) if len(rows) > 1]
+    conflicts += _reject_conflicts(table, same_bytes, "identical bytes")
+    return conflicts, [rows for rows in same_bytes if table.at[rows[0], "reason"] is None]
+
+
+def _reject_duplicate_rows(table: pd.DataFrame) -> list[dict]:
+    """Rows naming one file: with one label the first row wins, the others are
+    "duplicate row"; with different labels all are rejected as a label conflict."""
+    ok = table["reason"].isna()
+    by_path = collections.defaultdict(list)
+    for r, full in zip(table.index[ok], table.loc[ok, "abs_path"], strict=True):
+        by_path[full].append(int(r))
+    sets = [rows for rows in by_path.values() if len(rows) > 1]
+    for rows in sets:
+        if _agree(table, rows):
+            table.loc[rows[1:], "reason"] = "duplicate row"
+    return _reject_conflicts(table, sets, "same path")
+
+
+def _identical_rows(table: pd.DataFrame) -> list[list[int]]:
+    """Sets of kept rows whose files are byte-identical (splits.identical_files)."""
+    ok = table.index[table["reason"].isna()]
+    sets = splits.identical_files(list(table.loc[ok, "abs_path"]))
+    return [[int(ok[i]) for i in members] for members in sets]
+
+
+def _agree(table: pd.DataFrame, rows: list[int]) -> bool:
+    return len({table.at[r, "y"] for r in rows}) == 1
+
+
+def _reject_conflicts(table: pd.DataFrame, sets: list[list[int]], kind: str) -> list[dict]:
+    """Rejects every row of each set whose encoded labels differ; returns the records.
+
+    Which label is right cannot be known, so none is kept: a conflicting pair in
+    train and test would otherwise teach and grade opposite answers for one image.
+    """
+    conflicts = []
+    for rows in sets:
+        if _agree(table, rows):
+            continue
+        suffix = "" if kind == "same path" else f" ({kind})"
+        for r in rows:
+            other = next(o for o in rows if o != r)
+            table.at[r, "reason"] = f"label conflict with row {other}{suffix}"
+        conflicts.append({"kind": kind, "rows": rows,
+                          "paths": [table.at[r, "path"] for r in rows],
+                          "labels": [table.at[r, "label"] for r in rows]})
+    return conflicts
 
 
 def _drop_rare(table: pd.DataFrame, class_names: list[str], min_count: int,
@@ -241,11 +379,18 @@ def _duplicates_groups(path: str | None, table: pd.DataFrame, images_dir: str) -
 
 
 def _assign_splits(cfg: PrepareConfig, table: pd.DataFrame, kept: np.ndarray,
-                   class_names: list[str], images_dir: str) -> dict:
-    """Fills table["split"] for kept rows; returns the dataset.json "split" record."""
+                   class_names: list[str], images_dir: str,
+                   same_bytes: list[list[int]]) -> dict:
+    """Fills table["split"] for kept rows; returns the dataset.json "split" record.
+
+    `same_bytes`: sets of table rows with identical files (hashed once, in _pre_reject).
+    """
     sub = table.loc[kept]
     extra = _duplicates_groups(cfg.duplicates_csv, sub.reset_index(drop=True), images_dir)
-    groups, stats = splits.group_rows(list(sub["patient_id"]), list(sub["abs_path"]), extra)
+    position = {r: i for i, r in enumerate(sub.index)}
+    identical = [[position[r] for r in rows if r in position] for rows in same_bytes]
+    groups, stats = splits.group_rows(list(sub["patient_id"]), list(sub["abs_path"]), extra,
+                                      identical=[m for m in identical if len(m) > 1])
     fractions = splits.parse_fractions(cfg.split)
     multilabel = cfg.task == "multilabel"
     if "split" in table.columns:
@@ -352,13 +497,13 @@ def make_plan(cfg: PrepareConfig, source: sources.Source) -> Plan:
                              label_map=sources.parse_label_map(cfg.label_map))
     class_names = sources.resolve_class_names(spec, source)
     table = source.table.copy()
-    _pre_reject(table, source, spec, class_names)
+    conflicts, same_bytes = _pre_reject(table, source, spec, class_names)
     class_names, dropped = _drop_rare(table, class_names, cfg.min_class_count,
                                       cfg.task == "multilabel")
     kept = table["reason"].isna().to_numpy()
-    split_info = _assign_splits(cfg, table, kept, class_names, source.images_dir)
+    split_info = _assign_splits(cfg, table, kept, class_names, source.images_dir, same_bytes)
     shards = _make_shards(cfg, table, len(class_names))
-    return Plan(table, class_names, dropped, shards, split_info)
+    return Plan(table, class_names, dropped, shards, split_info, conflicts)
 
 
 # ----------------------------------------------------------------------------- workers
@@ -441,7 +586,7 @@ def _state_path(out_dir: str, name: str) -> str:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
+    tmp = path + TMP_SUFFIX
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False)
         f.write("\n")
@@ -460,50 +605,58 @@ def _load_done(out_dir: str, shard: Shard) -> dict | None:
     return None
 
 
+def _is_output(name: str) -> bool:
+    """A file prepare writes into out_dir (shard, dataset.json, rejected.csv, their temps)."""
+    name = name.removesuffix(TMP_SUFFIX)
+    return bool(SHARD_NAME.fullmatch(name)) or name in OUTPUT_FILES
+
+
 def _prepare_out_dir(cfg: PrepareConfig, fingerprint: str) -> None:
-    """Creates out_dir/.state; refuses (or with --overwrite, clears) another plan's output."""
+    """Creates out_dir/.state; refuses (or with --overwrite, clears) output of another plan.
+
+    Another plan is a different fingerprint in .state/plan.json, or prepare output
+    (shards, dataset.json) with no plan record at all: shards of an earlier plan
+    must never sit beside this plan's, where a glob would mix them. Only prepare's
+    own files are ever deleted (its temps carry TMP_SUFFIX); anything else in
+    out_dir is left alone, with or without --overwrite.
+    """
     state_dir = os.path.join(cfg.out_dir, STATE_DIR)
-    os.makedirs(state_dir, exist_ok=True)
     plan_file = os.path.join(state_dir, "plan.json")
     previous = None
     if os.path.exists(plan_file):
         with open(plan_file) as f:
             previous = json.load(f).get("fingerprint")
-    if previous not in (None, fingerprint):
+    foreign = ([n for n in sorted(os.listdir(cfg.out_dir)) if _is_output(n)]
+               if previous is None and os.path.isdir(cfg.out_dir) else [])
+    if previous not in (None, fingerprint) or foreign:
         if not cfg.overwrite:
-            raise ValueError(f"--out_dir: {cfg.out_dir} holds output of a different plan "
-                             "(other CSV, flags or seed); pass --overwrite or a new --out_dir")
+            what = ("output of a different plan (other CSV, flags or seed)" if previous
+                    else f"prepare output with no plan record ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''})")
+            raise ValueError(f"--out_dir: {cfg.out_dir} holds {what}; pass --overwrite "
+                             "or a new --out_dir")
         _clear_outputs(cfg.out_dir)
+    os.makedirs(state_dir, exist_ok=True)
     for name in os.listdir(cfg.out_dir):
-        if name.endswith(".tmp"):  # partial shard of a killed run
+        if name.endswith(TMP_SUFFIX) and _is_output(name):  # partial file of a killed run
             os.remove(os.path.join(cfg.out_dir, name))
     _write_json(plan_file, {"fingerprint": fingerprint})
 
 
 def _clear_outputs(out_dir: str) -> None:
+    """Deletes prepare's own files (shards, summaries, temps, .state/*.json) only."""
     for name in os.listdir(out_dir):
-        if name.endswith((".tfrecord", ".tmp")) or name in ("dataset.json", "rejected.csv"):
+        if _is_output(name):
             os.remove(os.path.join(out_dir, name))
     state_dir = os.path.join(out_dir, STATE_DIR)
-    for name in os.listdir(state_dir):
-        os.remove(os.path.join(state_dir, name))
+    for name in os.listdir(state_dir) if os.path.isdir(state_dir) else []:
+        if name.endswith((".json", ".json" + TMP_SUFFIX)):
+            os.remove(os.path.join(state_dir, name))
 
 
-def _maybe_pause(shards_done: int) -> None:
-    """Test hook: with FUNDUSFLOW_PREPARE_PAUSE_AFTER_SHARDS=N, after N finished shards
-    and one record flushed into the next `.tmp`, touch the marker and hang (to be killed)."""
-    limit = os.environ.get(PAUSE_ENV)
-    if limit is None or shards_done != int(limit):
-        return
-    marker = os.environ.get(PAUSE_MARKER_ENV)
-    if marker:
-        open(marker, "w").close()
-    time.sleep(3600)
-
-
-def _write_shard(cfg: PrepareConfig, plan: Plan, shard: Shard, results, progress,
-                 shards_done: int) -> dict:
-    """Consumes this shard's results, writes `<shard>.tmp`, renames it, writes the sidecar."""
+def _write_shard(cfg: PrepareConfig, plan: Plan, shard: Shard, results, progress) -> dict:
+    """Consumes this shard's results, writes `<shard><TMP_SUFFIX>`, renames it, writes
+    the sidecar."""
     import tensorflow as tf
 
     from input_pipeline import features
@@ -520,7 +673,7 @@ def _write_shard(cfg: PrepareConfig, plan: Plan, shard: Shard, results, progress
     path = os.path.join(cfg.out_dir, shard.name)
     t = plan.table
     num_records = 0
-    with tf.io.TFRecordWriter(path + ".tmp") as writer:
+    with tf.io.TFRecordWriter(path + TMP_SUFFIX) as writer:
         for row in shard.entries:
             if row not in encoded:
                 continue
@@ -533,10 +686,7 @@ def _write_shard(cfg: PrepareConfig, plan: Plan, shard: Shard, results, progress
             example = tf.train.Example.FromString(example).SerializeToString(deterministic=True)
             writer.write(example)
             num_records += 1
-            if num_records == 1:
-                writer.flush()
-                _maybe_pause(shards_done)
-    os.replace(path + ".tmp", path)
+    os.replace(path + TMP_SUFFIX, path)
     state = {"written": sorted(encoded), "rejected": sorted(rejected),
              "num_records": num_records, "quality": dict(sorted(quality.items())),
              "size": os.path.getsize(path)}
@@ -557,8 +707,8 @@ def write_shards(cfg: PrepareConfig, plan: Plan) -> dict[str, dict]:
     encoder = _Encoder(cfg, tasks)
     try:
         with tqdm(total=total, unit="img", desc="prepare", smoothing=0.05) as progress:
-            for done, shard in enumerate(pending):
-                state = _write_shard(cfg, plan, shard, encoder.results, progress, done)
+            for shard in pending:
+                state = _write_shard(cfg, plan, shard, encoder.results, progress)
                 states[shard.name] = {**state, "this_run": True}
     finally:
         encoder.close()
@@ -576,6 +726,13 @@ def _rejections(plan: Plan, states: dict[str, dict]) -> list[tuple[int, str, str
     out += [(int(r), t.at[r, "path"], reason) for s in states.values()
             for r, reason in s["rejected"]]
     return sorted(out)
+
+
+def _reason_kind(reason: str) -> str:
+    """A rejection reason without its per-row details (other row, link target), so that
+    dataset.json's rejected_reasons histogram stays small; rejected.csv keeps them."""
+    reason = re.sub(r"\brow \d+", "row N", reason)
+    return re.sub(r" \((resolves )?to .*\)$", "", reason)
 
 
 def summarize(cfg: PrepareConfig, source: sources.Source, plan: Plan,
@@ -604,7 +761,7 @@ def summarize(cfg: PrepareConfig, source: sources.Source, plan: Plan,
     quality = collections.Counter()
     for s in states.values():
         quality.update(s["quality"])
-    reasons = collections.Counter(reason for _, _, reason in rejected)
+    reasons = collections.Counter(_reason_kind(reason) for _, _, reason in rejected)
     return {
             "task": cfg.task,
             "num_classes": len(plan.class_names),
@@ -620,8 +777,13 @@ def summarize(cfg: PrepareConfig, source: sources.Source, plan: Plan,
                               "jpeg_quality": cfg.jpeg_quality},
             "splits": split_records,
             "rows": {"read": read, "written": len(written), "rejected": len(rejected),
-                     "skipped_unknown_label": reasons.get(sources.UNKNOWN_LABEL, 0)},
+                     "skipped_unknown_label": sum(
+                             n for r, n in reasons.items()
+                             if r.startswith(sources.UNKNOWN_LABEL)),
+                     "label_conflicts": sum(len(c["rows"]) for c in plan.label_conflicts)},
             "rejected_reasons": dict(sorted(reasons.items())),
+            # Same file (or identical bytes) listed with different labels: all rejected.
+            "label_conflicts": plan.label_conflicts,
             "dropped_classes": plan.dropped_classes,
             "min_class_count": cfg.min_class_count,
             "balance": cfg.balance,
@@ -643,7 +805,7 @@ def summarize(cfg: PrepareConfig, source: sources.Source, plan: Plan,
 
 
 def _write_rejected(path: str, rejected: list[tuple[int, str, str]]) -> None:
-    tmp = path + ".tmp"
+    tmp = path + TMP_SUFFIX
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["row", "path", "reason"])
@@ -655,12 +817,14 @@ def run(cfg: PrepareConfig) -> dict:
     """Runs (or resumes) prepare; returns the dataset.json record."""
     start = time.perf_counter()
     check_config(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
     source = sources.load_source(cfg.source, sources.SourceArgs(
             labels_csv=cfg.labels_csv, images_dir=cfg.images_dir,
             label_columns=tuple(cfg.label_columns), image_column=cfg.image_column,
             patient_column=cfg.group_column, split_column=cfg.split_column,
             multilabel=cfg.task == "multilabel", out_dir=cfg.out_dir))
+    if source.table.empty:  # an empty dataset.json would only fail later, in training
+        raise ValueError(f"--labels_csv: {cfg.labels_csv or source.images_dir}: 0 rows "
+                         "(nothing to prepare)")
     plan = make_plan(cfg, source)
     _prepare_out_dir(cfg, plan.fingerprint(cfg))
     from input_pipeline import features  # noqa: F401 - the slow TF import, out of the timing
@@ -714,9 +878,19 @@ def define_flags() -> None:
     flags.DEFINE_string("balance", "none", "none | upsample (train split only).")
     flags.DEFINE_integer("num_shards", 0, "Total shards over all splits; 0: auto.")
     flags.DEFINE_integer("examples_per_shard", 1024, "Shard size when --num_shards=0.")
-    flags.DEFINE_integer("workers", os.cpu_count() or 1, "Decode/encode processes.")
+    flags.DEFINE_integer("workers", 0, "Decode/encode processes; 0: auto, min(CPUs, "
+                         "available memory / 1.5 GiB).")
     flags.DEFINE_integer("seed", 0, "Seed of the split and the shard order.")
     flags.DEFINE_bool("overwrite", False, "Replace the output of a different plan in --out_dir.")
+
+
+def _workers(flag: int) -> int:
+    if flag:
+        return flag
+    workers = default_workers()
+    logging.info("--workers=0: using %d worker processes (CPUs, available memory %s)",
+                 workers, available_memory())
+    return workers
 
 
 def config_from_flags(f=flags.FLAGS) -> PrepareConfig:
@@ -740,7 +914,7 @@ def config_from_flags(f=flags.FLAGS) -> PrepareConfig:
             split_column=f.split_column, group_column=f.group_column,
             duplicates_csv=f.duplicates_csv, min_class_count=f.min_class_count,
             balance=f.balance, num_shards=f.num_shards,
-            examples_per_shard=f.examples_per_shard, workers=f.workers, seed=f.seed,
+            examples_per_shard=f.examples_per_shard, workers=_workers(f.workers), seed=f.seed,
             overwrite=f.overwrite)
 
 
@@ -750,7 +924,8 @@ def main(argv):
     try:
         summary = run(config_from_flags())
     except ValueError as e:
-        raise app.UsageError(str(e)) from e
+        # One line naming the flag, file or line at fault; no --help dump, no traceback.
+        sys.exit(f"prepare: error: {e}")
     rows, timing = summary["rows"], summary["timing"]
     print(f"rows read {rows['read']}, written {rows['written']}, rejected {rows['rejected']} "
           f"(unknown label {rows['skipped_unknown_label']}); "

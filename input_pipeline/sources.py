@@ -18,7 +18,10 @@ Adapters (the `--source` flag): generic, eyepacs, aptos, idrid, rfmid, odir,
 folders (Kermany OCT style), npz (RetinaMNIST), mexico.
 """
 
+import csv
 import dataclasses
+import io
+import math
 import os
 import pathlib
 import re
@@ -31,6 +34,9 @@ IMAGE_COLUMN_CANDIDATES = ("image", "path", "filename", "id_code", "ID", "id")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "dev": "val", "test": "test", "testing": "test"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+# Suffix of every file prepare writes before renaming it into place: distinctive,
+# so that cleaning up after a killed run never touches anybody else's "*.tmp".
+TMP_SUFFIX = ".fundusflow-partial"
 
 
 @dataclasses.dataclass
@@ -75,15 +81,52 @@ def read_csv(path: str) -> pd.DataFrame:
 
     Empty cells must stay "" (unknown), never NaN-turned-0; headers are stripped
     because real files carry stray spaces (IDRiD's "Risk of macular edema ").
+    UTF-8 (a BOM is dropped) with LF or CRLF line ends; a file that is not UTF-8,
+    empty or has a row with more or fewer fields than the header raises
+    ValueError naming the file and the line.
     """
     if not path or not os.path.isfile(path):
         raise ValueError(f"--labels_csv: file not found: {path!r}")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    text = _csv_text(path)
+    _check_row_widths(text, path)
+    df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     df.columns = [str(c).strip() for c in df.columns]
     empty_unnamed = [c for c in df.columns
                      if c.startswith("Unnamed:") and not (df[c].str.strip() != "").any()]
     df = df.drop(columns=empty_unnamed)
     return df.apply(lambda col: col.str.strip()).reset_index(drop=True)
+
+
+def _csv_text(path: str) -> str:
+    """The file decoded as UTF-8 (BOM dropped); ValueError naming the line otherwise."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 (byte 0x{data[e.start]:02x}); "
+                         "save the CSV as UTF-8") from None
+    if not text.strip():
+        raise ValueError(f"{path}: empty file (no header row)")
+    return text
+
+
+def _check_row_widths(text: str, path: str) -> None:
+    """Raises ValueError naming the first line whose field count differs from the header's.
+
+    pandas would silently turn a row with one field too many into an index
+    (shifting every value one column left) and pad a short row with NaN.
+    """
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        width = len(next(reader))
+        for row in reader:
+            if row and len(row) != width:  # blank lines are skipped, as pandas does
+                raise ValueError(f"{path} line {reader.line_num}: {len(row)} fields, "
+                                 f"the header has {width}")
+    except csv.Error as e:
+        raise ValueError(f"{path} line {reader.line_num}: {e}") from None
 
 
 def require_columns(df: pd.DataFrame, columns: Sequence[str], flag: str) -> None:
@@ -304,8 +347,14 @@ def npz(args: SourceArgs) -> Source:
 def _npz_label(lab: np.ndarray, multilabel: bool):
     lab = np.atleast_1d(lab)
     if multilabel:
-        return tuple(str(int(v)) for v in lab)
-    return str(int(lab[0]))
+        return tuple(_number_text(v) for v in lab)
+    return _number_text(lab[0])
+
+
+def _number_text(value) -> str:
+    """3 / 3.0 -> "3"; anything else (nan, 2.5) as written, for encode_label to reject."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() else str(value)
 
 
 def _write_png_once(path: str, img: np.ndarray) -> None:
@@ -319,7 +368,7 @@ def _write_png_once(path: str, img: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", img)
     if not ok:
         raise ValueError(f"could not encode {path}")
-    tmp = path + ".tmp"
+    tmp = path + TMP_SUFFIX
     with open(tmp, "wb") as f:
         f.write(buf.tobytes())
     os.replace(tmp, path)
@@ -418,30 +467,59 @@ def resolve_class_names(spec: LabelSpec, source: Source) -> list[str]:
 
 
 def _sorted_values(values) -> list[str]:
-    """Unique values, numerically sorted when all are integers (so "10" follows "9")."""
-    unique = set(values)
+    """Unique values, numerically sorted when all are integers (so "10" follows "9").
+
+    "nan" / "inf" never become class names: such a cell is a broken number, and
+    encode_label rejects its row.
+    """
+    unique = {v for v in values if not _non_finite(v)}
     if all(v.lstrip("-").isdigit() for v in unique):
         return sorted(unique, key=int)
     return sorted(unique)
 
 
 def _as_number(raw: str) -> float | None:
+    """The finite number a label cell holds, else None ("x", "nan", "inf", "1e999")."""
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         return None
+    return value if math.isfinite(value) else None
 
 
-def encode_label(raw, spec: LabelSpec, class_names: Sequence[str]):
-    """One raw label -> (class index | tuple of 0/1, None) or (None, rejection reason)."""
+def _non_finite(raw: str) -> bool:
+    """True for cells that parse as a number but not a finite one ("nan", "-inf")."""
+    try:
+        return not math.isfinite(float(raw))
+    except ValueError:
+        return False
+
+
+def encode_label(raw, spec: LabelSpec, class_names: Sequence[str],
+                 columns: Sequence[str] = ()):
+    """One raw label -> (class index | tuple of 0/1, None) or (None, rejection reason).
+
+    `columns` are the label columns the value came from (one, or one per class for
+    multilabel); when given, the reason names the column as well as the value.
+    """
     if spec.task == "multilabel":
-        return _encode_multilabel(raw, len(class_names))
+        return _encode_multilabel(raw, len(class_names), columns)
+    index, reason = _encode_single(raw, spec, class_names)
+    if reason and columns:
+        reason = f"{reason}, column {columns[0]!r}"
+    return index, reason
+
+
+def _encode_single(raw: str, spec: LabelSpec, class_names: Sequence[str]):
     if raw == "":
         return None, UNKNOWN_LABEL
     if spec.label_map is not None:
         if raw not in spec.label_map:
             return None, f"label {raw!r} not in --label_map"
         index = spec.label_map[raw]
+    elif _non_finite(raw) and (spec.positive_threshold is not None or raw not in class_names):
+        # A class may be named "Inf" (a folder, --class_names); a number cannot be nan.
+        return None, f"label {raw!r} is not a finite number"
     elif spec.task == "binary" and spec.positive_threshold is not None:
         value = _as_number(raw)
         if value is None:
@@ -460,22 +538,28 @@ def encode_label(raw, spec: LabelSpec, class_names: Sequence[str]):
     return index, None
 
 
-def _encode_multilabel(raw, num_labels: int):
+def _encode_multilabel(raw, num_labels: int, columns: Sequence[str] = ()):
     values = raw if isinstance(raw, tuple) else (raw,)
     if len(values) != num_labels:
         return None, f"expected {num_labels} label values, got {len(values)}"
     out = []
-    for v in values:
+    for i, v in enumerate(values):
+        where = f", column {columns[i]!r}" if i < len(columns) else ""
         if v == "":
-            return None, UNKNOWN_LABEL
+            return None, UNKNOWN_LABEL + where
         number = _as_number(v)
         if number not in (0.0, 1.0):
-            return None, f"label {v!r} out of range (multilabel values are 0/1)"
+            return None, f"label {v!r} out of range (multilabel values are 0/1){where}"
         out.append(int(number))
     return tuple(out), None
 
 
-def encode_labels(table: pd.DataFrame, spec: LabelSpec, class_names: Sequence[str]):
-    """Encodes every row: returns (list of index | tuple | None, list of reason | None)."""
-    pairs = [encode_label(raw, spec, class_names) for raw in table["label"]]
+def encode_labels(table: pd.DataFrame, spec: LabelSpec, class_names: Sequence[str],
+                  columns: Sequence[str] = ()):
+    """Encodes every row: returns (list of index | tuple | None, list of reason | None).
+
+    Reasons name the value and, when `columns` (the source's label columns) is
+    given, the column; unknown (empty) labels start with UNKNOWN_LABEL.
+    """
+    pairs = [encode_label(raw, spec, class_names, columns) for raw in table["label"]]
     return [p[0] for p in pairs], [p[1] for p in pairs]

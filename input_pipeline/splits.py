@@ -107,13 +107,16 @@ def identical_files(paths: Sequence[str]) -> list[list[int]]:
 
 
 def group_rows(patient_ids: Sequence[str], paths: Sequence[str],
-               extra_groups: Sequence[Sequence[int]] = ()) -> tuple[np.ndarray, dict]:
+               extra_groups: Sequence[Sequence[int]] = (),
+               identical: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, dict]:
     """Connected components of same-patient, same-bytes and `extra_groups` rows.
 
     Args:
         patient_ids: per row; "" means unknown (the row is then only its own patient).
         paths: per row, absolute file paths (for the byte comparison).
         extra_groups: row index lists that must stay together (e.g. a duplicates CSV).
+        identical: `identical_files(paths)` when the caller already has it (hashing
+            reads files: do it once).
     Returns:
         (int64 [N] group id = smallest row index of the component, stats dict).
     """
@@ -124,7 +127,7 @@ def group_rows(patient_ids: Sequence[str], paths: Sequence[str],
             by_patient[pid].append(i)
     for members in by_patient.values():
         uf.union_all(members)
-    duplicates = identical_files(paths)
+    duplicates = identical_files(paths) if identical is None else [list(m) for m in identical]
     merged_bytes = sum(uf.union_all(m) for m in duplicates)
     merged_extra = sum(uf.union_all(list(m)) for m in extra_groups if len(m) > 1)
     groups = np.array([uf.find(i) for i in range(len(paths))], dtype=np.int64)

@@ -4,10 +4,8 @@ import collections
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import cv2
 import numpy as np
@@ -16,7 +14,8 @@ import pytest
 import tensorflow as tf
 
 from input_pipeline import features, preprocessing, sources
-from input_pipeline.prepare import PrepareConfig, preprocess_config, run
+from input_pipeline.prepare import TMP_SUFFIX, PrepareConfig, preprocess_config, run
+from tests.reliability import prepare_child
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,7 +84,8 @@ def test_round_trip_labels_patients_and_pixels(tmp_path):
     cfg = _config(tmp_path, csv_path, images)
     summary = run(cfg)
     assert summary["rows"] == {"read": 20, "written": 20, "rejected": 0,
-                               "skipped_unknown_label": 0}
+                               "skipped_unknown_label": 0, "label_conflicts": 0}
+    assert summary["label_conflicts"] == []
     records = [r for rs in _all_records(cfg.out_dir, summary).values() for r in rs]
     assert sorted(r["source"] for r in records) == [f"img_{i:03d}.png" for i in range(20)]
     pcfg = preprocess_config(cfg)
@@ -155,7 +155,7 @@ def test_every_bad_input_is_rejected_with_its_reason(tmp_path):
     assert reason["img_000.png"] == "duplicate row"
     assert reason["../outside.png"] == "path outside --images_dir"
     assert reason[str(tmp_path / "outside.png")] == "path outside --images_dir"
-    assert reason["no_label.png"] == sources.UNKNOWN_LABEL
+    assert reason["no_label.png"] == f"{sources.UNKNOWN_LABEL}, column 'grade'"
     assert "out of range" in reason["bad_label.png"]
     for path in ("missing.png", "zero.png", "truncated.jpg", "text.jpg", "huge.png"):
         assert reason[path], path  # process_image's own wording
@@ -221,42 +221,36 @@ def _without_timing(summary: dict) -> dict:
 
 
 def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
+    """SIGKILL while the second shard's partial file is being written (the fault
+    point is set from the test side, tests/reliability/prepare_child.py): the
+    re-run keeps the finished shard, redoes the rest, deletes only its own partial
+    file and equals an uninterrupted run byte for byte."""
     csv_path, images = _make_dataset(tmp_path, [0, 1, 2, 3] * 4)
     opts = {"task": "dr_grade", "num_shards": 4, "split": "0.5,0.25,0.25"}
     killed = _config(tmp_path, csv_path, images, out="killed", **opts)
-    marker = tmp_path / "paused"
-    env = dict(os.environ, FUNDUSFLOW_PREPARE_PAUSE_AFTER_SHARDS="1",
-               FUNDUSFLOW_PREPARE_PAUSE_MARKER=str(marker), TF_CPP_MIN_LOG_LEVEL="2")
-    cmd = [sys.executable, "-m", "input_pipeline.prepare", f"--labels_csv={csv_path}",
-           f"--images_dir={images}", f"--out_dir={killed.out_dir}", "--task=dr_grade",
-           "--label_column=grade", "--image_size=64", "--crop=none", "--num_shards=4",
-           "--split=0.5,0.25,0.25", "--workers=1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        for _ in range(600):  # TF import dominates; the pause is deterministic
-            if marker.exists() or proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert marker.exists(), proc.stderr.read().decode()[-2000:]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
-    names = sorted(os.listdir(killed.out_dir))
-    assert names == [".state", "train-00000-of-00002.tfrecord",
-                     "train-00001-of-00002.tfrecord.tmp"]
-    first = os.stat(os.path.join(killed.out_dir, names[1]))
+    os.makedirs(killed.out_dir)
+    unrelated = os.path.join(killed.out_dir, "notes.tmp")
+    open(unrelated, "w").close()  # not prepare's: must survive every run
+    flags = [f"--labels_csv={csv_path}", f"--images_dir={images}",
+             f"--out_dir={killed.out_dir}", "--task=dr_grade", "--label_column=grade",
+             "--image_size=64", "--crop=none", "--num_shards=4", "--split=0.5,0.25,0.25",
+             "--workers=1"]
+    # The first shard holds 4 records: hang at the 2nd record of the second one.
+    outcome = prepare_child.kill_at("record", 6, flags, str(tmp_path / "marker"))
+    assert outcome == "killed"
+    partial = "train-00001-of-00002.tfrecord" + TMP_SUFFIX
+    assert sorted(os.listdir(killed.out_dir)) == [
+            ".state", "notes.tmp", "train-00000-of-00002.tfrecord", partial]
+    first = os.stat(os.path.join(killed.out_dir, "train-00000-of-00002.tfrecord"))
 
     resumed = run(killed)
     reference = run(_config(tmp_path, csv_path, images, out="reference", **opts))
     assert _shard_bytes(killed.out_dir) == _shard_bytes(str(tmp_path / "reference"))
     assert _without_timing(resumed) == _without_timing(reference)
-    again = os.stat(os.path.join(killed.out_dir, names[1]))
+    again = os.stat(os.path.join(killed.out_dir, "train-00000-of-00002.tfrecord"))
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # not redone
-    assert not [n for n in os.listdir(killed.out_dir) if n.endswith(".tmp")]
+    assert not [n for n in os.listdir(killed.out_dir) if n.endswith(TMP_SUFFIX)]
+    assert os.path.exists(unrelated)
     assert len(_shard_bytes(killed.out_dir)) == 4
 
 
@@ -300,6 +294,7 @@ def test_upsampling_only_in_train_and_reuses_bytes(tmp_path):
 
 def test_grouped_split_keeps_patients_and_identical_files_together(tmp_path):
     labels = [i % 3 for i in range(36)]
+    labels[5] = labels[0]  # the copy below keeps its label (else: a rejected label conflict)
     patients = [f"p{i // 3}" for i in range(36)]
     csv_path, images = _make_dataset(tmp_path, labels, patients)
     # Byte-identical copies under other patients must follow their original.
@@ -402,7 +397,8 @@ def test_mexico_sample_multiclass_dr_rejects_unknown(shared_data, tmp_path):
     summary = run(cfg)
     assert summary["class_names"] == ["none", "npdr", "pdr"]
     assert summary["rows"]["skipped_unknown_label"] == 15
-    unknown = {i: (sample.image[i], sources.UNKNOWN_LABEL) for i in range(15, 30)}
+    unknown = {i: (sample.image[i], f"{sources.UNKNOWN_LABEL}, column 'dr'")
+               for i in range(15, 30)}
     rejected = _rejected(cfg.out_dir)
     assert {i: rejected[i] for i in unknown} == unknown
     records = [r for rs in _all_records(cfg.out_dir, summary).values() for r in rs]

@@ -1,5 +1,7 @@
 """Label-source adapters on tiny fixtures written with the real public headers."""
 
+import re
+
 import cv2
 import numpy as np
 import pytest
@@ -113,7 +115,7 @@ def test_retinamnist_npz_materialises_pngs_with_official_splits(tmp_path):
     assert t.label[4] == str(int(arrays["test_labels"][0, 0]))
     png = cv2.cvtColor(cv2.imread(str(out / "_source_images" / t.path[4])), cv2.COLOR_BGR2RGB)
     np.testing.assert_array_equal(png, arrays["test_images"][0])  # PNG is lossless
-    assert not list((out / "_source_images").glob("*.tmp"))
+    assert not list((out / "_source_images").glob("*" + sources.TMP_SUFFIX))
 
 
 def test_mexico_keeps_empty_dr_unknown(tmp_path):
@@ -185,3 +187,94 @@ def test_class_names_sorted_numerically_and_label_map(tmp_path):
         sources.parse_label_map("none=0")
     with pytest.raises(ValueError, match="--class_names"):
         sources.resolve_class_names(LabelSpec("binary", class_names=("a", "b", "c")), src)
+
+
+# ----------------------------------------------------------------------------- bad CSVs
+
+
+def test_latin1_csv_names_the_file_and_line(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_bytes("image,grade\na.png,0\nb\xe9.png,1\n".encode("latin-1"))
+    with pytest.raises(ValueError) as e:
+        sources.read_csv(str(path))
+    assert str(e.value) == f"{path} line 3: not UTF-8 (byte 0xe9); save the CSV as UTF-8"
+
+
+@pytest.mark.parametrize("text,message", [
+        ("", "empty file (no header row)"),
+        ("\n\n", "empty file (no header row)"),
+        ("image,grade\na.png,0\nb.png,1,extra\n", "line 3: 3 fields, the header has 2"),
+        ("image,grade,eye\na.png,0,OD\nb.png,1\n", "line 3: 2 fields, the header has 3"),
+        ('image,grade\n"a.png,0\n', "line 2: unexpected end of data"),
+        ('image,grade\na.png,"0"x\n', "line 2: ',' expected after '\"'"),
+])
+def test_empty_and_ragged_csvs_name_the_line(tmp_path, text, message):
+    path = _csv(tmp_path, text)
+    with pytest.raises(ValueError, match=f"^{re.escape(path)}:? {re.escape(message)}$"):
+        sources.read_csv(path)
+
+
+def test_bom_and_crlf_csvs_just_work(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b"\xef\xbb\xbfimage,grade\r\na.png,0\r\n\r\nb.png,4\r\n")
+    df = sources.read_csv(str(path))
+    assert list(df.columns) == ["image", "grade"]
+    assert df.to_dict("list") == {"image": ["a.png", "b.png"], "grade": ["0", "4"]}
+
+
+def test_header_only_csv_reads_as_zero_rows(tmp_path):
+    assert len(sources.read_csv(_csv(tmp_path, "image,grade\n"))) == 0  # prepare refuses it
+
+
+# ----------------------------------------------------------------------------- bad label cells
+
+BAD_CELLS = ("nan", "NaN", "inf", "-inf", "1e999", "abc", "")
+
+
+@pytest.mark.parametrize("raw", BAD_CELLS)
+@pytest.mark.parametrize("spec", [LabelSpec("dr_grade"), LabelSpec("binary"),
+                                  LabelSpec("binary", positive_threshold=2),
+                                  LabelSpec("multiclass", class_names=("none", "npdr", "pdr"))])
+def test_nan_inf_empty_and_text_labels_reject_naming_value_and_column(raw, spec):
+    names = spec.class_names or (["0", "1"] if spec.task == "binary" else
+                                 [str(i) for i in range(5)])
+    index, reason = sources.encode_label(raw, spec, names, ["level"])
+    assert index is None
+    if raw == "":
+        assert reason == "unknown label (empty), column 'level'"
+    else:
+        assert reason.startswith(f"label {raw!r} ") and reason.endswith(", column 'level'")
+    if raw.lower().lstrip("-") in ("nan", "inf", "1e999"):
+        assert "is not a finite number" in reason
+
+
+def test_multilabel_names_the_column_of_the_bad_cell():
+    spec = LabelSpec("multilabel")
+    assert sources.encode_label(("1", "nan", "0"), spec, "abc", ["A", "B", "C"]) == (
+            None, "label 'nan' out of range (multilabel values are 0/1), column 'B'")
+    assert sources.encode_label(("1", "0", ""), spec, "abc", ["A", "B", "C"]) == (
+            None, "unknown label (empty), column 'C'")
+
+
+def test_nan_never_becomes_a_class_name(tmp_path):
+    src = _load("generic", tmp_path, "image,g\na,npdr\nb,nan\nc,none\nd,inf\n",
+                label_columns=("g",))
+    assert sources.resolve_class_names(LabelSpec("multiclass"), src) == ["none", "npdr"]
+
+
+def test_npz_nan_and_fractional_labels_reach_encode_label(tmp_path):
+    labels = np.array([[1.0], [np.nan], [2.5]])
+    npz_path = tmp_path / "r.npz"
+    images = np.zeros((3, 8, 8, 3), np.uint8)
+    np.savez(npz_path, train_images=images, train_labels=labels, val_images=images[:0],
+             val_labels=labels[:0], test_images=images[:0], test_labels=labels[:0])
+    src = sources.load_source("npz", SourceArgs(labels_csv=str(npz_path),
+                                                out_dir=str(tmp_path / "out")))
+    assert list(src.table.label) == ["1", "nan", "2.5"]
+
+
+def test_a_class_named_inf_is_a_class_not_a_number():
+    spec = LabelSpec("multiclass", class_names=("Inf", "normal"))
+    assert sources.encode_label("Inf", spec, ["Inf", "normal"]) == (0, None)
+    assert sources.encode_label("nan", spec, ["Inf", "normal"], ["folder"]) == (
+            None, "label 'nan' is not a finite number, column 'folder'")
