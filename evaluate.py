@@ -8,6 +8,8 @@ W/tensorboard/eval. Thresholds and temperature are tuned on the val split and
 applied unchanged to --split. See evaluation/run.py.
 """
 
+import sys
+
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
@@ -24,9 +26,13 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
     del argv
     from evaluation import run  # after flag parsing: importing TensorFlow is slow
+    from input_pipeline.integrity import CorruptShardError
 
-    path = run.evaluate(FLAGS.workdir, FLAGS.split, FLAGS.data_dir, FLAGS.tta, FLAGS.n_boot,
-                        FLAGS.per_class_temperature, FLAGS.gradcam_per_kind)
+    try:
+        path = run.evaluate(FLAGS.workdir, FLAGS.split, FLAGS.data_dir, FLAGS.tta,
+                            FLAGS.n_boot, FLAGS.per_class_temperature, FLAGS.gradcam_per_kind)
+    except (FileNotFoundError, CorruptShardError) as e:
+        sys.exit(f"error: {e}")
     logging.info("Report written")
     print(f"Report: {path}")
 

@@ -10,6 +10,8 @@ preprocessing.json describing what the client must do first.
 See serving/exporting.py.
 """
 
+import sys
+
 from absl import app, flags, logging
 
 from serving import exporting
@@ -17,14 +19,19 @@ from serving import exporting
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (operative_config.gin, checkpoints/).")
 flags.DEFINE_string("export_dir", None, "Base export directory; the model goes to E/<version>/.")
-flags.DEFINE_integer("version", None, "Version sub-directory; default: next free integer.")
+flags.DEFINE_integer("version", None, "Version sub-directory (a positive integer, as TF "
+                     "Serving requires); default: next free integer.", lower_bound=1)
 flags.DEFINE_enum("format", "saved_model", ["saved_model", "onnx"], "What to write.")
 flags.mark_flags_as_required(["workdir", "export_dir"])
 
 
 def main(argv):
     del argv
-    out = exporting.export_workdir(FLAGS.workdir, FLAGS.export_dir, FLAGS.version, FLAGS.format)
+    try:
+        out = exporting.export_workdir(FLAGS.workdir, FLAGS.export_dir, FLAGS.version,
+                                       FLAGS.format)
+    except (FileNotFoundError, FileExistsError) as e:
+        sys.exit(f"error: {e}")
     logging.info("Exported %s to %s", FLAGS.format, out)
     print(out)
 

@@ -8,6 +8,8 @@ files get a row with their error; the others are still predicted. Grad-CAM
 overlays need the Keras model, hence --workdir. See serving/predicting.py.
 """
 
+import sys
+
 from absl import app, flags, logging
 
 from serving import predicting
@@ -29,8 +31,11 @@ def main(argv):
     if FLAGS.gradcam_dir and not FLAGS.workdir:
         raise app.UsageError("--gradcam_dir needs --workdir (Grad-CAM needs the Keras model).")
     files = predicting.find_images(paths)
-    predictor = (predicting.from_saved_model(FLAGS.model) if FLAGS.model
-                 else predicting.from_workdir(FLAGS.workdir))
+    try:
+        predictor = (predicting.from_saved_model(FLAGS.model) if FLAGS.model
+                     else predicting.from_workdir(FLAGS.workdir))
+    except FileNotFoundError as e:  # e.g. a workdir without its best checkpoint
+        sys.exit(f"error: {e}")
     rows = predicting.predict_files(predictor, files, FLAGS.batch_size, FLAGS.gradcam_dir)
     predicting.write_csv(rows, predicting.columns(predictor), FLAGS.out)
     errors = sum(1 for r in rows if r["error"])
