@@ -45,7 +45,7 @@ def main(argv):
                                    allow_changes=FLAGS.resume_with_changes)
     except (FileNotFoundError, FileExistsError, CorruptShardError, experiment.ConfigError,
             experiment.PlanChangedError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {str(e).splitlines()[0]}")  # without gin's "In call to ..." line
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

@@ -129,6 +129,7 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
     # exists, so that a failed start leaves nothing behind.
     shards = [os.path.join(data_dir, f"{s}-*.tfrecord") for s in ("train", "val")]
     fresh = not resume  # _check_workdir: the workdir is new or empty
+    existed = os.path.isdir(workdir)
     previous_policy = keras.mixed_precision.global_policy().name
     try:
         with integrity.naming_corrupt_shards(shards):
@@ -185,7 +186,7 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
                                         jit_compile=bool(net.jit_compile)))
     except Exception:
         if fresh:
-            _remove_unstarted(workdir)
+            _remove_unstarted(workdir, existed)
         raise
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -446,11 +447,18 @@ def _append_resume_log(workdir: str, epoch: int, changes: dict) -> None:
     cb.write_json_atomic(path, log)
 
 
-def _remove_unstarted(workdir: str) -> None:
-    """After a failed fresh start: removes what this run wrote, unless an epoch finished."""
+def _remove_unstarted(workdir: str, existed: bool) -> None:
+    """After a failed fresh start: removes what this run wrote, unless an epoch finished.
+
+    existed: the (then empty) workdir was there before; it is kept, empty.
+    """
     if not os.path.isdir(workdir) or os.path.isdir(_backup_root(workdir)):
         return
-    logging.info("Start failed before the first epoch: removing %s", workdir)
+    logging.info("Start failed before the first epoch ended: removing what it wrote in %s",
+                 workdir)
+    if not existed:
+        shutil.rmtree(workdir)
+        return
     for name in os.listdir(workdir):
         path = os.path.join(workdir, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
