@@ -27,11 +27,12 @@ def main(argv):
     del argv
     from evaluation import run  # after flag parsing: importing TensorFlow is slow
     from input_pipeline.integrity import CorruptShardError
+    from training.config import UnsafeConfigError
 
     try:
         path = run.evaluate(FLAGS.workdir, FLAGS.split, FLAGS.data_dir, FLAGS.tta,
                             FLAGS.n_boot, FLAGS.per_class_temperature, FLAGS.gradcam_per_kind)
-    except (FileNotFoundError, CorruptShardError) as e:
+    except (FileNotFoundError, CorruptShardError, UnsafeConfigError) as e:
         sys.exit(f"error: {e}")
     logging.info("Report written")
     print(f"Report: {path}")

@@ -15,6 +15,7 @@ import sys
 from absl import app, flags, logging
 
 from serving import exporting
+from training.config import UnsafeConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (operative_config.gin, checkpoints/).")
@@ -30,7 +31,7 @@ def main(argv):
     try:
         out = exporting.export_workdir(FLAGS.workdir, FLAGS.export_dir, FLAGS.version,
                                        FLAGS.format)
-    except (FileNotFoundError, FileExistsError) as e:
+    except (FileNotFoundError, FileExistsError, UnsafeConfigError) as e:
         sys.exit(f"error: {e}")
     logging.info("Exported %s to %s", FLAGS.format, out)
     print(out)

@@ -13,6 +13,7 @@ import sys
 from absl import app, flags, logging
 
 from serving import predicting
+from training.config import UnsafeConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Exported SavedModel version directory (E/N).")
@@ -34,7 +35,7 @@ def main(argv):
     try:
         predictor = (predicting.from_saved_model(FLAGS.model) if FLAGS.model
                      else predicting.from_workdir(FLAGS.workdir))
-    except FileNotFoundError as e:  # e.g. a workdir without its best checkpoint
+    except (FileNotFoundError, UnsafeConfigError) as e:  # e.g. no best checkpoint
         sys.exit(f"error: {e}")
     rows = predicting.predict_files(predictor, files, FLAGS.batch_size, FLAGS.gradcam_dir)
     predicting.write_csv(rows, predicting.columns(predictor), FLAGS.out)

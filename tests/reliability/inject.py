@@ -5,12 +5,13 @@
 FAULT is one of
   kill_at_batch:E:B   SIGKILL itself at batch B (0-based) of epoch E (0-based): a
                       kill -9 in the middle of an epoch.
-  kill_in_save:N      at the N-th (1-based) weights file written (best, epoch_NNN and
-                      backup saves all go through keras' saving_lib.save_weights_only),
-                      write the file, cut it to half its size and SIGKILL itself: a kill
-                      -9 in the middle of a checkpoint write.
-  enospc_in_save:N    the same N-th write is cut to half and raises OSError(ENOSPC), as
-                      a full disk would.
+  kill_in_save:S:N    at the N-th (1-based) weights file written whose path contains S
+                      ("/best.", "/backup/", "/checkpoints/epoch_"; every weights save
+                      goes through keras' saving_lib.save_weights_only), write the file,
+                      cut it to half its size and SIGKILL itself: a kill -9 in the middle
+                      of a checkpoint write.
+  enospc_in_save:S:N  the same write is cut to half and raises OSError(ENOSPC), as a
+                      full disk would.
   nan_after_epoch:E   after epoch E (0-based) ends, set every trainable weight to NaN,
                       so the next epoch's loss is NaN.
   none                no fault (handy for the same command line without one).
@@ -72,16 +73,17 @@ def _nan_after_epoch(epoch: int):
     _add_callback(PoisonWeights)
 
 
-def _fault_in_save(n: int, action: str):
-    """Wraps saving_lib.save_weights_only: the n-th call writes half a file, then `action`."""
+def _fault_in_save(part: str, n: int, action: str):
+    """Wraps saving_lib.save_weights_only: the n-th write to a path containing `part`
+    writes half a file, then `action` ("kill" or "enospc")."""
     from keras.src.saving import saving_lib
 
     save = saving_lib.save_weights_only
     calls = [0]
 
     def save_with_fault(model, filepath, *args, **kwargs):
-        calls[0] += 1
-        if calls[0] != n:
+        calls[0] += part in str(filepath)
+        if part not in str(filepath) or calls[0] != n:
             return save(model, filepath, *args, **kwargs)
         save(model, filepath, *args, **kwargs)
         with open(filepath, "r+b") as f:
@@ -95,16 +97,13 @@ def _fault_in_save(n: int, action: str):
 
 
 def install(fault: str) -> None:
-    kind, *args = fault.split(":")
-    args = [int(a) for a in args]
+    kind, *args = fault.rsplit(":", 2) if "_in_save" in fault else fault.split(":")
     if kind == "kill_at_batch":
-        _kill_at_batch(*args)
-    elif kind == "kill_in_save":
-        _fault_in_save(args[0], "kill")
-    elif kind == "enospc_in_save":
-        _fault_in_save(args[0], "enospc")
+        _kill_at_batch(int(args[0]), int(args[1]))
+    elif kind in ("kill_in_save", "enospc_in_save"):
+        _fault_in_save(args[0], int(args[1]), kind.split("_")[0])
     elif kind == "nan_after_epoch":
-        _nan_after_epoch(args[0])
+        _nan_after_epoch(int(args[0]))
     elif kind != "none":
         raise SystemExit(f"inject: unknown fault {fault!r}")
 
