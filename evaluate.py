@@ -15,6 +15,8 @@ ones from W/eval/thresholds.json (tuned on W's val split; tuned now and written 
 absent). Results go to W/eval/external/<name of D>/. See evaluation/run.py.
 """
 
+import sys
+
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
@@ -32,9 +34,14 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
     del argv
     from evaluation import run  # after flag parsing: importing TensorFlow is slow
+    from input_pipeline.integrity import CorruptShardError
+    from training.config import UnsafeConfigError
 
-    path = run.evaluate(FLAGS.workdir, FLAGS.split, FLAGS.data_dir, FLAGS.tta, FLAGS.n_boot,
-                        FLAGS.per_class_temperature, FLAGS.gradcam_per_kind)
+    try:
+        path = run.evaluate(FLAGS.workdir, FLAGS.split, FLAGS.data_dir, FLAGS.tta,
+                            FLAGS.n_boot, FLAGS.per_class_temperature, FLAGS.gradcam_per_kind)
+    except (FileNotFoundError, CorruptShardError, UnsafeConfigError) as e:
+        sys.exit(f"error: {e}")
     logging.info("Report written")
     print(f"Report: {path}")
 

@@ -14,14 +14,18 @@ workdir's data_dir, or --data_dir), with preprocessing.json.
 See serving/exporting.py, serving/onnx_export.py, serving/tflite_export.py.
 """
 
+import sys
+
 from absl import app, flags, logging
 
 from serving import exporting
+from training.config import UnsafeConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (operative_config.gin, checkpoints/).")
 flags.DEFINE_string("export_dir", None, "Base export directory; the model goes to E/<version>/.")
-flags.DEFINE_integer("version", None, "Version sub-directory; default: next free integer.")
+flags.DEFINE_integer("version", None, "Version sub-directory (a positive integer, as TF "
+                     "Serving requires); default: next free integer.", lower_bound=1)
 flags.DEFINE_enum("format", "saved_model", ["saved_model", "onnx", "tflite"], "What to write.")
 flags.DEFINE_enum("tflite_quantization", "float32", ["float32", "float16", "int8"],
                   "TFLite weights/activations; int8 calibrates on training images.")
@@ -32,8 +36,11 @@ flags.mark_flags_as_required(["workdir", "export_dir"])
 
 def main(argv):
     del argv
-    out = exporting.export_workdir(FLAGS.workdir, FLAGS.export_dir, FLAGS.version, FLAGS.format,
-                                   FLAGS.tflite_quantization, FLAGS.data_dir)
+    try:
+        out = exporting.export_workdir(FLAGS.workdir, FLAGS.export_dir, FLAGS.version,
+                                       FLAGS.format, FLAGS.tflite_quantization, FLAGS.data_dir)
+    except (FileNotFoundError, FileExistsError, UnsafeConfigError) as e:
+        sys.exit(f"error: {e}")
     logging.info("Exported %s to %s", FLAGS.format, out)
     print(out)
 

@@ -15,6 +15,7 @@ import sys
 from absl import app, flags, logging
 
 from serving import predicting
+from training.config import UnsafeConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Exported SavedModel version directory (E/N).")
@@ -36,8 +37,11 @@ def main(argv):
     if os.path.lexists(FLAGS.out) and not FLAGS.overwrite:
         sys.exit(f"predict.py: --out={FLAGS.out} exists; pass --overwrite to replace it")
     files = predicting.find_images(paths)
-    predictor = (predicting.from_saved_model(FLAGS.model) if FLAGS.model
-                 else predicting.from_workdir(FLAGS.workdir))
+    try:
+        predictor = (predicting.from_saved_model(FLAGS.model) if FLAGS.model
+                     else predicting.from_workdir(FLAGS.workdir))
+    except (FileNotFoundError, UnsafeConfigError) as e:  # e.g. no best checkpoint
+        sys.exit(f"error: {e}")
     rows = predicting.predict_files(predictor, files, FLAGS.batch_size, FLAGS.gradcam_dir)
     predicting.write_csv(rows, predicting.columns(predictor), FLAGS.out)
     errors = sum(1 for r in rows if r["error"])

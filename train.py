@@ -4,10 +4,16 @@
     python train.py --gin_file=configs/X.gin --gin_bindings='train.epochs=3' --workdir=W
     python train.py --gin_file=configs/X.gin --workdir=W --resume   # after a crash
 
+`--resume` refuses a config that differs from the one in W/config.gin (it names
+each differing binding); `--resume_with_changes` continues anyway and records the
+changes in W/config.gin, W/operative_config.gin and W/resume_log.json.
+
 All settings are arguments of `training.experiment.train` (see its docstring) plus
-`build_model.*`, `make_dataset.*` and `AugmentConfig.*`.
+`build_model.*`, `make_dataset.*` and `AugmentConfig.*`. gin imports and
+configurables other than fundusflow's are refused (training/config.py).
 """
 
+import errno
 import os
 import sys
 
@@ -19,22 +25,40 @@ flags.DEFINE_multi_string("gin_file", [], "Gin config files (default: configs/de
 flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings, e.g. 'train.epochs = 3'.")
 flags.DEFINE_string("workdir", "demo_run", "Output directory (see docs/ARCHITECTURE.md).")
 flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its last finished epoch.")
+flags.DEFINE_bool("resume_with_changes", False,
+                  "Like --resume, but accept a config that differs from the workdir's "
+                  "(the changes are recorded in the workdir).")
 
 
 def main(argv):
     del argv
-    import gin
+    from input_pipeline.integrity import CorruptShardError
+    from training import config, experiment
 
-    from training import experiment
-
-    gin.parse_config_files_and_bindings(FLAGS.gin_file or [DEMO_GIN], FLAGS.gin_bindings)
     try:
-        summary = experiment.train(FLAGS.workdir, resume=FLAGS.resume)
-    except (FileNotFoundError, FileExistsError) as e:
+        config.parse(FLAGS.gin_file or [DEMO_GIN], FLAGS.gin_bindings)
+    except ValueError as e:  # unknown configurable or parameter, syntax, unsafe import
         sys.exit(f"error: {e}")
+    try:
+        summary = experiment.train(FLAGS.workdir,
+                                   resume=FLAGS.resume or FLAGS.resume_with_changes,
+                                   allow_changes=FLAGS.resume_with_changes)
+    except (FileNotFoundError, FileExistsError, CorruptShardError, experiment.ConfigError,
+            experiment.PlanChangedError) as e:
+        sys.exit(f"error: {str(e).splitlines()[0]}")  # without gin's "In call to ..." line
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        sys.exit(f"error: {e}. The last checkpoints are intact: free space, then rerun "
+                 "with --resume.")
     logging.info("best %s = %s at epoch %s; %.1f s, %.1f images/s", summary["monitor"],
                  summary["best_metric"], summary["best_epoch"], summary["wall_time_s"],
                  summary["images_per_s"])
+    if summary["terminated_on_nan"]:
+        sys.exit(f"error: training stopped on a NaN/inf loss after {summary['epochs_run']} "
+                 f"epochs; {FLAGS.workdir}/model.keras and checkpoints/best.weights.h5 hold "
+                 "the last good weights and backup/ the last good epoch (e.g. lower "
+                 "train.learning_rate or set train.clipnorm, then --resume_with_changes).")
 
 
 if __name__ == "__main__":

@@ -46,14 +46,15 @@ class Predictions:
 
 
 def _dataset(data_dir: str, split: str, config: dict, info: dict):
-    from input_pipeline import pipeline
+    from input_pipeline import integrity, pipeline
 
     pattern = os.path.join(data_dir, f"{split}-*.tfrecord")
     if not glob.glob(pattern):
         raise FileNotFoundError(f"No {split} shards ({pattern}); evaluation tunes on 'val'")
-    return pipeline.make_dataset(pattern, config["batch_size"], training=False,
-                                 image_size=config["image_size"], task=info["task"],
-                                 num_classes=info["num_classes"], with_info=True)
+    ds = pipeline.make_dataset(pattern, config["batch_size"], training=False,
+                               image_size=config["image_size"], task=info["task"],
+                               num_classes=info["num_classes"], with_info=True)
+    return integrity.iterate_naming_corrupt_shards(ds, [pattern])  # one line, not a traceback
 
 
 def predict_split(model, data_dir: str, split: str, config: dict, info: dict,

@@ -224,6 +224,10 @@ def next_version(export_dir: pathlib.Path) -> int:
 
 def version_dir(export_dir, version: int | None) -> pathlib.Path:
     export_dir = pathlib.Path(export_dir)
+    if version is not None and (isinstance(version, bool) or int(version) != version
+                                or version < 1):
+        raise ValueError(f"version must be a positive integer (TF Serving loads only "
+                         f"those), got {version!r}")
     version = next_version(export_dir) if version is None else int(version)
     out = export_dir / str(version)
     export_dir.mkdir(parents=True, exist_ok=True)

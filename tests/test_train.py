@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import cv2
 import gin
@@ -22,6 +21,7 @@ from input_pipeline import features
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBUG_GIN = os.path.join(REPO, "configs", "debug.gin")
+INJECT = os.path.join(REPO, "tests", "reliability", "inject.py")  # fault injection
 SIZE, K = 32, 5
 
 
@@ -199,17 +199,11 @@ def test_multilabel_run_with_pos_weight_monitors_auc(tmp_path):
 @pytest.mark.slow
 def test_killed_run_resumes_at_the_right_epoch(tmp_path, data_dir):
     workdir = tmp_path / "w"
-    env = {**os.environ, "FUNDUSFLOW_TEST_HANG_AT_EPOCH": "1"}
-    proc = subprocess.Popen(_train_cmd(workdir, data_dir), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 150
-    while not (workdir / "hanging").exists():  # mid-epoch 1, epoch 0 backed up
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "the run never reached epoch 1"
-        time.sleep(0.5)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    # kill -9 mid-epoch 1 (batch 3), injected from outside train.py's code.
+    res = subprocess.run([sys.executable, INJECT, "kill_at_batch:1:3", "--",
+                          *_train_cmd(workdir, data_dir)[1:]], capture_output=True, text=True,
+                         timeout=180)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
     meta = json.loads((workdir / "backup/stage_0/training_metadata.json").read_text())
     assert meta["epoch"] == 1
     assert [int(r["epoch"]) for r in _history(workdir)] == [0]

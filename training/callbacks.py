@@ -12,6 +12,7 @@ Epoch numbers in file names and JSON are 1-based ("after N epochs");
 history.csv keeps Keras' 0-based `epoch` column.
 """
 
+import contextlib
 import io
 import json
 import math
@@ -24,8 +25,6 @@ import tensorflow as tf
 from absl import logging
 
 from training import optimizers
-
-HANG_ENV = "FUNDUSFLOW_TEST_HANG_AT_EPOCH"  # testing hook, see HangForTesting
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -54,8 +53,20 @@ def save_weights_atomic(model: keras.Model, path: str) -> None:
 
     tmp = path[: -len(".weights.h5")] + ".tmp.weights.h5"
     skip = [model.optimizer] if model.optimizer is not None else None
-    saving_lib.save_weights_only(model, tmp, objects_to_skip=skip)
+    with _removed_on_error(tmp):
+        saving_lib.save_weights_only(model, tmp, objects_to_skip=skip)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _removed_on_error(path: str):
+    """Deletes a half-written `path` if the block fails (e.g. ENOSPC), then re-raises."""
+    try:
+        yield
+    except BaseException:
+        if os.path.exists(path):
+            os.remove(path)
+        raise
 
 
 def load_weights_model_only(model: keras.Model, path: str) -> None:
@@ -122,11 +133,57 @@ class BestCheckpoint(keras.callbacks.Callback):
 
 
 class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore that never backs up an epoch with NaN/inf logs."""
+    """BackupAndRestore that never backs up an epoch with NaN/inf logs, and writes atomically.
+
+    Keras overwrites `latest.weights.h5` in place and then the epoch in
+    `training_metadata.json`: a kill or a full disk during the first write leaves a
+    backup that cannot be loaded, and one between the two writes pairs the new
+    weights with the old epoch (that epoch is then trained twice). Here each backup
+    goes to a new `epoch_NNN.weights.h5`; `training_metadata.json` (epoch, batch and
+    that file's name), replaced atomically, is the commit point, and the previous
+    weights file is deleted only after it. Saves at epoch ends only.
+    """
+
+    def __init__(self, backup_dir: str, delete_checkpoint: bool = True):
+        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=delete_checkpoint)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs_finite(logs):
             super().on_epoch_end(epoch, logs)
+
+    def _metadata(self) -> dict | None:
+        if not os.path.exists(self._training_metadata_path):
+            return None
+        with open(self._training_metadata_path) as f:
+            return json.load(f)
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        previous = self._metadata()
+        name = f"epoch_{self._current_epoch:03d}.weights.h5"
+        path = os.path.join(self.backup_dir, name)
+        tmp = path[: -len(".weights.h5")] + ".tmp.weights.h5"
+        with _removed_on_error(tmp):
+            self.model.save_weights(tmp)  # weights + optimizer state
+        os.replace(tmp, path)
+        write_json_atomic(self._training_metadata_path,
+                          {"epoch": self._current_epoch, "batch": self._last_batch_seen,
+                           "weights": name})
+        old = (previous or {}).get("weights")
+        if old and old != name and os.path.exists(os.path.join(self.backup_dir, old)):
+            os.remove(os.path.join(self.backup_dir, old))
+
+    def _load_model(self):
+        meta = self._metadata()
+        if meta is None:
+            return
+        if "weights" not in meta:  # written by Keras' own BackupAndRestore
+            super()._load_model()
+            return
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(os.path.join(self.backup_dir, meta["weights"]))
+        self.model._initial_epoch = meta["epoch"]
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -330,21 +387,3 @@ def log_image(logdir: str, name: str, image: np.ndarray, step: int = 0) -> None:
     with writer.as_default():
         tf.summary.image(name, np.asarray(image, np.uint8)[None], step=step)
     writer.flush()
-
-
-class HangForTesting(keras.callbacks.Callback):
-    """Test hook: in epoch `$FUNDUSFLOW_TEST_HANG_AT_EPOCH` (0-based), after one step,
-    touch `marker` and sleep, so that a test can kill -9 the process mid-epoch."""
-
-    def __init__(self, epoch: int, marker: str):
-        super().__init__()
-        self.epoch, self.marker, self._current = epoch, marker, -1
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._current = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self._current == self.epoch:
-            with open(self.marker, "w") as f:
-                f.write(str(self.epoch))
-            time.sleep(600)

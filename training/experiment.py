@@ -17,6 +17,7 @@ an argument that `train` passes explicitly would be ignored silently
 (PITFALLS section 7), so `_check_shadowed_bindings` turns it into an error.
 """
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -33,10 +34,11 @@ import tensorflow as tf
 from absl import logging
 
 import models
-from input_pipeline import augment, pipeline  # noqa: F401  (registers AugmentConfig in gin)
+from input_pipeline import augment, integrity, pipeline  # noqa: F401  (augment: gin)
 from input_pipeline import inspect as inspect_lib
 from models import backbones, decision, heads, losses, metrics  # noqa: F401  (backbones: gin configurables)
 from training import callbacks as cb
+from training import config as config_lib
 from training import optimizers
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
@@ -57,8 +59,8 @@ class Stage:
     lr_factor: float
 
 
-@gin.configurable(denylist=["workdir", "resume"])
-def train(workdir: str, resume: bool = False, *,
+@gin.configurable(denylist=["workdir", "resume", "allow_changes"])
+def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
           data_dir: str = gin.REQUIRED,
           model: str = "resnetv2_lite", task: str | None = None, head: str | None = None,
           image_size: int = 128, weights: str | None = None, dropout: float = 0.0,
@@ -80,7 +82,10 @@ def train(workdir: str, resume: bool = False, *,
 
     Args:
         workdir: output directory; must be new/empty unless `resume`.
-        resume: continue from the last finished epoch (weights + optimizer state).
+        resume: continue from the last finished epoch (weights + optimizer state);
+            refused when the config differs from the workdir's config.gin...
+        allow_changes: ...unless this is True: then the differing bindings are
+            appended to config.gin, operative_config.gin and resume_log.json.
         data_dir: `prepare` output: `{split}-*.tfrecord` + dataset.json.
         model, head, weights, dropout: `models.build_model` arguments; task None ->
             dataset.json's task.
@@ -114,53 +119,76 @@ def train(workdir: str, resume: bool = False, *,
     t_start = time.time()
     info = load_dataset_info(data_dir)
     task = task or info["task"]
-    mode = _resolve_mode(monitor, mode)
+    _check_workdir(workdir, resume)
+    changes = _check_resume_plan(workdir, data_dir, allow_changes) if resume else {}
     summary_path = os.path.join(workdir, "training_summary.json")
     if resume and os.path.exists(summary_path) and not os.path.isdir(_backup_root(workdir)):
         logging.info("%s already finished training; nothing to resume.", workdir)
         with open(summary_path) as f:
             return json.load(f)
-    _check_bindings()  # before the workdir exists: a config error leaves nothing behind
-    resumed = _prepare_workdir(workdir, data_dir, resume)
-    jit_compile = _seed_everything(seed, deterministic, jit_compile)
-    previous_policy = _set_precision(precision)
+    # Everything that can fail on a bad config or bad data runs before the workdir
+    # exists, so that a failed start leaves nothing behind.
+    shards = [os.path.join(data_dir, f"{s}-*.tfrecord") for s in ("train", "val")]
+    fresh = not resume  # _check_workdir: the workdir is new or empty
+    existed = os.path.isdir(workdir)
+    previous_policy = keras.mixed_precision.global_policy().name
     try:
-        train_ds, val_ds, steps = _build_datasets(
-            data_dir, info, task, image_size, batch_size, seed, deterministic, steps_per_epoch)
-        net = _build_model(model, task, info["num_classes"], image_size, weights, dropout, head)
-        head = _head_of(task, head)
-        loss_fn = _build_loss(loss, task, head, info, loss_kwargs, pos_weight, pos_weight_clamp)
-        fit_kw = dict(steps_per_epoch=steps, verbose=verbose, shuffle=False,  # tf.data shuffles
-                      class_weight=_class_weights(class_weight, task, info))
-        opt_kw = dict(learning_rate=learning_rate, weight_decay=weight_decay,
-                      min_lr_ratio=min_lr_ratio, backbone_lr_factor=backbone_lr_factor,
-                      head_lr_factor=head_lr_factor, use_ema=use_ema, clipnorm=clipnorm,
-                      ema_overwrite_frequency=steps)
-        best = cb.BestCheckpoint(os.path.join(workdir, "checkpoints"), monitor, mode,
-                                 checkpoint_every_epochs)
-        throughput, nan_guard = cb.Throughput(batch_size), cb.TerminateOnNaN()
-        run_cbs = [throughput, nan_guard]  # shared by all stages
-        first = _first_batches(train_ds, max(1, bn_recalibration_batches))
-        if bn_recalibration_batches:
-            run_cbs.append(cb.PreciseBatchNorm([images for images, _ in first]))
-        if tensorboard:
-            _log_input_grid(workdir, *first[0], info.get("class_names"))
-        for stage in plan_stages(epochs, freeze_backbone_epochs, finetune_lr_factor):
-            _compile_stage(net, stage, task, info, head, loss_fn, steps, warmup_epochs,
-                           jit_compile, opt_kw)
-            stage_cbs = run_cbs + _stage_callbacks(
-                workdir, stage, best, early_stopping_patience if stage.end == epochs else 0,
-                info if tensorboard else None, val_ds, head, resumed or stage.index > 0,
-                backbone_lr_factor)
-            net._initial_epoch = None  # else a previous stage's BackupAndRestore epoch wins
-            net.fit(train_ds, validation_data=val_ds, epochs=stage.end,
-                    initial_epoch=stage.start, callbacks=stage_cbs, **fit_kw)
-            if nan_guard.triggered:
-                break
+        with integrity.naming_corrupt_shards(shards):
+            with _as_config_errors():
+                mode = _resolve_mode(monitor, mode)
+                _check_bindings()
+                jit_compile = _seed_everything(seed, deterministic, jit_compile)
+                _set_precision(precision)
+                train_ds, val_ds, steps = _build_datasets(
+                    data_dir, info, task, image_size, batch_size, seed, deterministic,
+                    steps_per_epoch)
+                net = _build_model(model, task, info["num_classes"], image_size, weights,
+                                   dropout, head)
+                head = _head_of(task, head)
+                loss_fn = _build_loss(loss, task, head, info, loss_kwargs, pos_weight,
+                                      pos_weight_clamp)
+                fit_kw = dict(steps_per_epoch=steps, verbose=verbose,
+                              shuffle=False,  # tf.data shuffles
+                              class_weight=_class_weights(class_weight, task, info))
+                opt_kw = dict(learning_rate=learning_rate, weight_decay=weight_decay,
+                              min_lr_ratio=min_lr_ratio, backbone_lr_factor=backbone_lr_factor,
+                              head_lr_factor=head_lr_factor, use_ema=use_ema,
+                              clipnorm=clipnorm, ema_overwrite_frequency=steps)
+                stages = plan_stages(epochs, freeze_backbone_epochs, finetune_lr_factor)
+                _compile_stage(net, stages[0], task, info, head, loss_fn, steps,
+                               warmup_epochs, jit_compile, opt_kw)
+            first = _first_batches(train_ds, max(1, bn_recalibration_batches))
+            resumed, keep_operative = _create_workdir(workdir, data_dir, resume, changes)
+            best = cb.BestCheckpoint(os.path.join(workdir, "checkpoints"), monitor, mode,
+                                     checkpoint_every_epochs)
+            throughput, nan_guard = cb.Throughput(batch_size), cb.TerminateOnNaN()
+            run_cbs = [throughput, nan_guard]  # shared by all stages
+            if bn_recalibration_batches:
+                run_cbs.append(cb.PreciseBatchNorm([images for images, _ in first]))
+            if tensorboard:
+                _log_input_grid(workdir, *first[0], info.get("class_names"))
+            for stage in stages:
+                if stage.index > 0:  # stage 0 was compiled above, before the workdir existed
+                    _compile_stage(net, stage, task, info, head, loss_fn, steps, warmup_epochs,
+                                   jit_compile, opt_kw)
+                stage_cbs = run_cbs + _stage_callbacks(
+                    workdir, stage, best,
+                    early_stopping_patience if stage.end == epochs else 0,
+                    info if tensorboard else None, val_ds, head, resumed or stage.index > 0,
+                    backbone_lr_factor, not keep_operative)
+                net._initial_epoch = None  # else a previous stage's BackupAndRestore epoch wins
+                net.fit(train_ds, validation_data=val_ds, epochs=stage.end,
+                        initial_epoch=stage.start, callbacks=stage_cbs, **fit_kw)
+                if nan_guard.triggered:
+                    break
         summary = _write_artifacts(workdir, net, best, throughput, t_start, resumed,
                                    nan_guard.triggered,
                                    dict(task=task, head=head, precision=precision,
                                         jit_compile=bool(net.jit_compile)))
+    except Exception:
+        if fresh:
+            _remove_unstarted(workdir, existed)
+        raise
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     return summary
@@ -306,43 +334,167 @@ def _backup_root(workdir: str) -> str:
     return os.path.join(workdir, "backup")
 
 
-def _prepare_workdir(workdir: str, data_dir: str, resume: bool) -> bool:
-    """Creates the workdir; refuses a non-empty one without resume. Returns "resumed"."""
+def _check_workdir(workdir: str, resume: bool) -> None:
+    """Refuses a non-empty workdir without resume (nothing is created here)."""
     if os.path.isdir(workdir) and os.listdir(workdir) and not resume:
         raise FileExistsError(
             f"workdir {workdir} is not empty: pass --resume to continue that run, "
             "or choose another --workdir.")
+
+
+class ConfigError(ValueError):
+    """A config that cannot train (unknown model, bad binding, ...), found before the
+    workdir was created."""
+
+
+@contextlib.contextmanager
+def _as_config_errors():
+    """ValueError/TypeError/KeyError in the block -> ConfigError with the same message."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(str(e)) from e
+
+
+class PlanChangedError(ValueError):
+    """--resume with a config that differs from the one the workdir was trained with."""
+
+
+# Bindings that change nothing trained (logging only).
+_NOT_PLAN = ("train.verbose", "train.tensorboard")
+
+
+def _check_resume_plan(workdir: str, data_dir: str, allow_changes: bool) -> dict:
+    """{binding: (old, new)} between the workdir's config.gin and the current gin config.
+
+    Raises PlanChangedError when there is a change (or the data dir's dataset.json
+    differs from the workdir's copy) and `allow_changes` is False.
+    """
+    recorded = os.path.join(workdir, "config.gin")
+    if not os.path.exists(recorded):
+        return {}  # nothing trained yet (train.py writes config.gin first)
+    with open(recorded) as f:
+        changes = config_lib.plan_changes(f.read(), gin.config_str(), ignore=_NOT_PLAN)
+    old_info = os.path.join(workdir, "dataset.json")
+    if os.path.exists(old_info) and _dataset_fingerprint(old_info) != _dataset_fingerprint(
+            os.path.join(data_dir, "dataset.json")):
+        changes["dataset.json"] = (f"{old_info} (trained on)",
+                                   f"{os.path.join(data_dir, 'dataset.json')} (differs)")
+    if changes and not allow_changes:
+        raise PlanChangedError(
+            f"--resume refused: the config differs from {recorded}: "
+            f"{config_lib.describe_changes(changes)}. Resume with the same --gin_file/"
+            "--gin_bindings, or pass --resume_with_changes to continue with these changes "
+            "(recorded in the workdir).")
+    return changes
+
+
+def _dataset_fingerprint(path: str) -> dict:
+    """dataset.json without its timing: what identifies the prepared data."""
+    with open(path) as f:
+        info = json.load(f)
+    info.pop("timing", None)
+    return info
+
+
+def _create_workdir(workdir: str, data_dir: str, resume: bool, changes: dict):
+    """Creates (or, resuming, updates) the workdir. Returns (resumed, keep_operative).
+
+    A resumed run never rewrites config.gin / operative_config.gin: they describe
+    what was trained. Changes allowed by --resume_with_changes are appended to both
+    (later bindings win when gin parses them) and every resume to resume_log.json.
+    keep_operative: operative_config.gin exists and must not be rewritten.
+    """
     resumed = resume and os.path.isdir(_backup_root(workdir))
     if resume and not resumed:
         logging.warning("--resume: no backup in %s, starting from scratch.", workdir)
-    if resumed:
-        _trim_history(workdir)
     os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
-    shutil.copyfile(os.path.join(data_dir, "dataset.json"), os.path.join(workdir, "dataset.json"))
-    cb.write_text_atomic(os.path.join(workdir, "config.gin"), gin.config_str())
-    return resumed
+    config_path = os.path.join(workdir, "config.gin")
+    operative = os.path.join(workdir, "operative_config.gin")
+    if not os.path.exists(config_path):
+        shutil.copyfile(os.path.join(data_dir, "dataset.json"),
+                        os.path.join(workdir, "dataset.json"))
+        cb.write_text_atomic(config_path, gin.config_str())
+        return resumed, False
+    epoch = _trim_history(workdir) if resumed else 0
+    if changes:
+        block = (f"\n# --resume_with_changes at {_now()}, from the backup after epoch {epoch}:\n"
+                 + config_lib.changes_as_gin(changes))
+        for path in (config_path, operative):
+            if os.path.exists(path):
+                with open(path) as f:
+                    cb.write_text_atomic(path, f.read() + block)
+        logging.warning("Resuming with changes: %s", config_lib.describe_changes(changes))
+    _append_resume_log(workdir, epoch, changes)
+    return resumed, os.path.exists(operative)
 
 
-def _trim_history(workdir: str) -> None:
-    """Drops history.csv rows of epochs the backup doesn't hold (they will be re-run)."""
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _append_resume_log(workdir: str, epoch: int, changes: dict) -> None:
+    """resume_log.json: one entry per resume (time, epoch, changes, the full new config)."""
+    path = os.path.join(workdir, "resume_log.json")
+    log = []
+    if os.path.exists(path):
+        with open(path) as f:
+            log = json.load(f)
+    log.append({"time": _now(), "after_epoch": epoch,
+                "changes": {k: {"old": config_lib.UNSET if a is config_lib.UNSET else repr(a),
+                                "new": config_lib.UNSET if b is config_lib.UNSET else repr(b)}
+                            for k, (a, b) in changes.items()},
+                "config": gin.config_str()})
+    cb.write_json_atomic(path, log)
+
+
+def _remove_unstarted(workdir: str, existed: bool) -> None:
+    """After a failed fresh start: removes what this run wrote, unless an epoch finished.
+
+    existed: the (then empty) workdir was there before; it is kept, empty.
+    """
+    if not os.path.isdir(workdir) or os.path.isdir(_backup_root(workdir)):
+        return
+    logging.info("Start failed before the first epoch ended: removing what it wrote in %s",
+                 workdir)
+    if not existed:
+        shutil.rmtree(workdir)
+        return
+    for name in os.listdir(workdir):
+        path = os.path.join(workdir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def _backup_epoch(workdir: str) -> int:
+    """Epochs done according to the newest stage backup (0 when none)."""
     done = 0
     root = _backup_root(workdir)
-    for stage_dir in os.listdir(root):
+    for stage_dir in os.listdir(root) if os.path.isdir(root) else []:
         meta = os.path.join(root, stage_dir, "training_metadata.json")
         if os.path.exists(meta):
             with open(meta) as f:
                 done = max(done, int(json.load(f)["epoch"]))
+    return done
+
+
+def _trim_history(workdir: str) -> int:
+    """Drops history.csv rows of epochs the backup doesn't hold (they will be re-run).
+
+    A row cut short by a kill (no newline) is dropped too. Returns the epochs done.
+    """
+    done = _backup_epoch(workdir)
     path = os.path.join(workdir, "history.csv")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    keep = lines[:1] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) < done]
-    if len(keep) < len(lines):
-        logging.info("Resuming after epoch %d: dropping %d history rows.", done,
-                     len(lines) - len(keep))
-        cb.write_text_atomic(path, "".join(keep))
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = f.readlines()
+        keep = lines[:1] + [ln for ln in lines[1:]
+                            if ln.endswith("\n") and int(ln.split(",", 1)[0]) < done]
+        if len(keep) < len(lines):
+            logging.info("Resuming after epoch %d: dropping %d history rows.", done,
+                         len(lines) - len(keep))
+            cb.write_text_atomic(path, "".join(keep))
     logging.info("Resuming from the backup of epoch %d.", done)
+    return done
 
 
 def _seed_everything(seed: int, deterministic: bool, jit_compile: bool) -> bool:
@@ -384,7 +536,7 @@ def _auto_precision() -> str:
 
 
 def _stage_callbacks(workdir, stage, best, patience, tb_info, val_ds, head, append,
-                     backbone_lr_factor) -> list:
+                     backbone_lr_factor, write_operative=True) -> list:
     """Callbacks of one stage; order matters: state is persisted before the backup."""
     tb_dir = os.path.join(workdir, "tensorboard")
     out = [cb.LearningRateLogger(optimizers.group_names(backbone_lr_factor)), best]
@@ -395,16 +547,14 @@ def _stage_callbacks(workdir, stage, best, patience, tb_info, val_ds, head, appe
     out.append(keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=append))
     out.append(cb.SafeBackupAndRestore(
         os.path.join(_backup_root(workdir), f"stage_{stage.index}"), delete_checkpoint=False))
-    out.append(cb.OperativeConfigWriter(os.path.join(workdir, "operative_config.gin")))
+    if write_operative:  # a resumed run keeps the record of what was trained
+        out.append(cb.OperativeConfigWriter(os.path.join(workdir, "operative_config.gin")))
     if tb_info:
         out.append(keras.callbacks.TensorBoard(tb_dir, write_graph=False, profile_batch=0))
         if tb_info["task"] != "multilabel" and head is not None:
             decoder = _decoder(tb_info["task"], head, len(tb_info["class_names"]))
             out.append(cb.ConfusionMatrixImage(val_ds, decoder, tb_info["class_names"],
                                                tb_dir))
-    hang = os.environ.get(cb.HANG_ENV)
-    if hang is not None:
-        out.append(cb.HangForTesting(int(hang), os.path.join(workdir, "hanging")))
     return out
 
 
@@ -493,19 +643,54 @@ def resolve_data_dir(workdir: str, data_dir: str) -> str:
     return data_dir
 
 
+def check_trained_workdir(workdir: str, need_weights: bool = True) -> None:
+    """Raises FileNotFoundError (one line: the missing file, what to do) unless `workdir`
+    holds what `build_from_config` reads."""
+    def path(*parts):
+        return os.path.join(workdir, *parts)
+
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir} not found: pass the --workdir train.py "
+                                "wrote.")
+    resume = (f"resume the run (python train.py --workdir={workdir} --resume with its "
+              "--gin_file/--gin_bindings)")
+    if not os.path.exists(path("operative_config.gin")):
+        started = os.path.exists(path("config.gin"))
+        raise FileNotFoundError(
+            f"{path('operative_config.gin')} not found: "
+            + (f"the run stopped before its first training step; {resume}." if started else
+               f"{workdir} is not a training workdir (train.py writes config.gin and "
+               "operative_config.gin there)."))
+    if not os.path.exists(path("dataset.json")):
+        raise FileNotFoundError(
+            f"{path('dataset.json')} not found: copy the dataset.json of the data dir it was "
+            "trained on there (train.py copies it when it starts).")
+    best = path("checkpoints", "best.weights.h5")
+    if need_weights and not os.path.exists(best):
+        why = ("model.keras is there, but evaluate/export/predict load the best checkpoint; "
+               if os.path.exists(path("model.keras")) else "")
+        raise FileNotFoundError(
+            f"{best} not found: {why}restore the run's checkpoints/ folder, or, if training "
+            f"stopped before its first epoch ended, {resume}.")
+
+
 def build_from_config(workdir: str, load_weights: bool = True):
     """Rebuilds the trained model from `workdir` (float32) and loads best weights.
 
     Parses `workdir/operative_config.gin` (this replaces the current gin config),
-    so `models.build_model` bindings apply exactly as in training.
+    so `models.build_model` bindings apply exactly as in training. A missing file
+    raises FileNotFoundError naming it (`check_trained_workdir`); a config binding
+    anything but fundusflow's configurables raises `config.UnsafeConfigError`.
 
     Returns:
         (keras.Model with best weights, dataset_info dict from workdir/dataset.json,
          config dict: train()'s resolved arguments with "task", "head", "num_classes").
     """
+    check_trained_workdir(workdir, load_weights)
     with gin.unlock_config():
         gin.clear_config()
-        gin.parse_config_file(os.path.join(workdir, "operative_config.gin"), skip_unknown=True)
+        config_lib.parse([os.path.join(workdir, "operative_config.gin")], [],
+                         skip_unknown=True, finalize=False)
     config = resolved_train_config()
     with open(os.path.join(workdir, "dataset.json")) as f:
         info = json.load(f)
