@@ -8,7 +8,8 @@ DEMO_RUN := demo_run
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test bench lint reliability clean
+.PHONY: demo test bench lint reliability clean reproduce-dr-grading reproduce-rfmid \
+	reproduce-ocunet reproduce-oct reproduce-idrid
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,3 +53,71 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(DEMO_DATA) $(DEMO_RUN)
+
+# The five reference systems (README "Reference systems"): prepare, train, evaluate,
+# export, one command each, e.g. `make reproduce-rfmid DATA=path/to/RFMiD`. Output goes to
+# $(OUT)/<system>/{prepared,run,export}; a second run needs a new OUT (train refuses a
+# used workdir). tests/test_reference_configs.py runs these targets on synthetic layouts
+# with SUFFIX=_debug and small sizes (the *_FLAGS variables).
+OUT ?= reproduce
+SUFFIX ?=
+PREPARE_FLAGS ?= --workers=$(shell nproc 2>/dev/null || echo 2)
+EVAL_FLAGS ?=
+REPRO_DEPS ?= $(STAMP)
+IDRID_GRID ?= --grid=train.learning_rate=1e-2,1e-3,1e-4,1e-5 --grid=train.batch_size=2,4
+
+define chain  # $(1) system dir, $(2) config name, $(3) prepare flags, $(4) evaluate flags
+	$(PY) -m input_pipeline.prepare --out_dir=$(OUT)/$(1)/prepared $(3) $(PREPARE_FLAGS)
+	$(PY) train.py --gin_file=configs/$(2)$(SUFFIX).gin --workdir=$(OUT)/$(1)/run \
+	  --gin_bindings="train.data_dir='$(OUT)/$(1)/prepared'" $(TRAIN_FLAGS)
+	$(PY) evaluate.py --workdir=$(OUT)/$(1)/run --split=test $(4) $(EVAL_FLAGS)
+	$(PY) export.py --workdir=$(OUT)/$(1)/run --export_dir=$(OUT)/$(1)/export --version=1
+endef
+
+comma := ,
+DR_GRADING_PREPARE = --source=eyepacs --labels_csv="$(DATA)/trainLabels.csv" \
+  --images_dir="$(DATA)/train" --task=dr_grade --crop=fundus --image_size=256
+RFMID_PREPARE = --source=rfmid --labels_csv="$(DATA)/Training_Set/RFMiD_Training_Labels.csv" \
+  --images_dir="$(DATA)/Training_Set/Training" --task=multilabel \
+  --min_class_count=$(or $(MIN_CLASS_COUNT),20) --crop=fundus --image_size=256
+# ODIR-5K's data.xlsx saved as $(ODIR)/data.csv; its images in "$(ODIR)/Training Images".
+OCUNET_PREPARE = --source=rfmid_odir \
+  --labels_csv="$(RFMID)/Training_Set/RFMiD_Training_Labels.csv$(comma)$(ODIR)/data.csv" \
+  --images_dir="$(RFMID)/Training_Set/Training$(comma)$(ODIR)/Training Images" \
+  --task=multilabel --min_class_count=$(or $(MIN_CLASS_COUNT),1) --crop=fundus \
+  --clahe=green --image_size=384
+OCT_PREPARE = --source=folders --images_dir="$(DATA)" --task=multiclass --crop=none \
+  --modality=oct --image_size=224
+IDRID_PREPARE = --source=idrid \
+  --labels_csv="$(DATA)/B. Disease Grading/2. Groundtruths/a. IDRiD_Disease Grading_Training Labels.csv" \
+  --images_dir="$(DATA)/B. Disease Grading/1. Original Images/a. Training Set" \
+  --task=binary --positive_threshold=2 --balance=upsample --crop=fundus --image_size=256
+
+reproduce-dr-grading: $(REPRO_DEPS)
+	$(call chain,dr_grading,dr_grading_convnext_tiny_ordinal,$(DR_GRADING_PREPARE))
+
+reproduce-rfmid: $(REPRO_DEPS)
+	$(call chain,rfmid,rfmid_multilabel_convnext_tiny,$(RFMID_PREPARE))
+
+reproduce-ocunet: $(REPRO_DEPS)
+	$(call chain,ocunet,ocunet_efficientnet_b3_asl,$(OCUNET_PREPARE),--per_class_temperature)
+	$(PY) export.py --workdir=$(OUT)/ocunet/run --export_dir=$(OUT)/ocunet/export \
+	  --version=2 --format=onnx
+
+reproduce-oct: $(REPRO_DEPS)
+	$(call chain,oct,oct_mobilenetv3_large,$(OCT_PREPARE))
+	$(PY) export.py --workdir=$(OUT)/oct/run --export_dir=$(OUT)/oct/export --version=2 \
+	  --format=onnx
+
+# Grid search (tune.py) first; the final run trains with the best pair (best.gin).
+reproduce-idrid: $(REPRO_DEPS)
+	$(PY) -m input_pipeline.prepare --out_dir=$(OUT)/idrid/prepared $(IDRID_PREPARE) \
+	  $(PREPARE_FLAGS)
+	$(PY) tune.py --gin_file=configs/idrid_binary_resnetv2_lite$(SUFFIX).gin \
+	  --gin_bindings="train.data_dir='$(OUT)/idrid/prepared'" --out_dir=$(OUT)/idrid/tune \
+	  $(IDRID_GRID)
+	$(PY) train.py --gin_file=configs/idrid_binary_resnetv2_lite$(SUFFIX).gin \
+	  --gin_file=$(OUT)/idrid/tune/best.gin --workdir=$(OUT)/idrid/run \
+	  --gin_bindings="train.data_dir='$(OUT)/idrid/prepared'" $(TRAIN_FLAGS)
+	$(PY) evaluate.py --workdir=$(OUT)/idrid/run --split=test $(EVAL_FLAGS)
+	$(PY) export.py --workdir=$(OUT)/idrid/run --export_dir=$(OUT)/idrid/export --version=1

@@ -79,6 +79,31 @@ class AugmentConfig:
                     or tuple(self.scale_range) != (1.0, 1.0) or self.randaugment_layers)
 
 
+# Field overrides per modality (input_pipeline/modality.py): fundus keeps the class defaults.
+# B-scans have an up (vitreous on top, choroid below) and a left-right symmetry, so no
+# vertical flip and only a small tilt; their rectangle is all image, so no circular mask
+# (it would zero ~28 % of every training image that evaluation and serving see whole).
+MODALITY_DEFAULTS = {
+    "fundus": {},
+    "oct": dict(fundus_aware=False, vflip=False, rotation_degrees=10.0, hue=0.0,
+                saturation=0.0),
+    "other": dict(fundus_aware=False, vflip=False, rotation_degrees=10.0),
+}
+
+
+def config_for_modality(modality: str) -> AugmentConfig:
+    """AugmentConfig with the modality's defaults; gin bindings of AugmentConfig win.
+
+    An explicit keyword would override a gin binding silently (PITFALLS 7), so only the
+    fields gin does not bind are passed.
+    """
+    if modality not in MODALITY_DEFAULTS:
+        raise ValueError(f"Unknown modality {modality!r}; known: {sorted(MODALITY_DEFAULTS)}")
+    bound = gin.get_bindings(AugmentConfig)
+    return AugmentConfig(**{k: v for k, v in MODALITY_DEFAULTS[modality].items()
+                            if k not in bound})
+
+
 def full_config(**overrides) -> AugmentConfig:
     """Every op switched on at moderate strength (benchmarks, the inspect CLI demo)."""
     base = dict(shear_degrees=5.0, sharpness=0.3, blur_prob=0.2, erase_prob=0.25,

@@ -64,6 +64,7 @@ import pandas as pd
 from absl import app, flags, logging
 from tqdm import tqdm
 
+from input_pipeline import modality as modality_lib
 from input_pipeline import preprocessing, sources, splits
 
 # NOTE: tensorflow (and features.py, which imports it) is imported only inside the
@@ -94,6 +95,7 @@ class PrepareConfig:
     label_map: str | None = None
     image_size: int = 512
     crop: str = "fundus"
+    modality: str | None = None  # None: from crop (input_pipeline/modality.py)
     clahe: str = "none"
     ben_graham: bool = False
     ben_graham_sigma: float = 10.0
@@ -118,7 +120,8 @@ def check_config(cfg: PrepareConfig) -> None:
     """Raises ValueError naming the flag of the first invalid option."""
     from_choices = {"task": (cfg.task, ("dr_grade", "binary", "multiclass", "multilabel")),
                     "crop": (cfg.crop, CROPS), "clahe": (cfg.clahe, CLAHES),
-                    "balance": (cfg.balance, BALANCES)}
+                    "balance": (cfg.balance, BALANCES),
+                    "modality": (cfg.modality or "fundus", modality_lib.MODALITIES)}
     for flag, (value, choices) in from_choices.items():
         if value not in choices:
             raise ValueError(f"--{flag}: {value!r} is not one of {', '.join(choices)}")
@@ -223,7 +226,8 @@ class Plan:
     def fingerprint(self, cfg: PrepareConfig) -> str:
         """Hash of everything that determines the output bytes (not workers/overwrite)."""
         options = dataclasses.asdict(cfg)
-        options.pop("workers"), options.pop("overwrite")
+        # modality only labels dataset.json (augmentation defaults), not the shards.
+        options.pop("workers"), options.pop("overwrite"), options.pop("modality")
         # 224 from Python and 224.0 from a float flag are the same plan.
         options.update({f.name: float(options[f.name]) for f in dataclasses.fields(cfg)
                         if f.type in (float, "float") and options[f.name] is not None})
@@ -340,15 +344,36 @@ def _reject_conflicts(table: pd.DataFrame, sets: list[list[int]], kind: str) -> 
     return conflicts
 
 
+def _check_ordinal_drop(class_names, counts, rare, min_count) -> None:
+    """dr_grade: only the highest grades may be dropped, so the others keep their numbers.
+
+    Dropping an inner (or the lowest) grade would renumber the rest: grades 2,3,4
+    would become 1,2,3, so "referable" (>= 2) would silently mean original >= 3 and
+    the ordinal loss would treat grade 2 as grade 0's neighbour.
+    """
+    top = len(class_names) - len(rare)
+    if sorted(rare) != list(range(top, len(class_names))):
+        inner = [f"{class_names[i]} ({counts[i]} rows)" for i in rare if i < top]
+        raise ValueError(
+            f"--min_class_count={min_count} would drop grade(s) {', '.join(inner)} from "
+            f"inside the ordinal scale {class_names} and renumber the grades above; lower "
+            "--min_class_count, or merge grades with --task=multiclass --label_map")
+
+
 def _drop_rare(table: pd.DataFrame, class_names: list[str], min_count: int,
-               multilabel: bool) -> tuple[list[str], list[str]]:
-    """Applies --min_class_count; returns (kept class names, dropped class names)."""
+               multilabel: bool, ordinal: bool = False) -> tuple[list[str], list[str]]:
+    """Applies --min_class_count; returns (kept class names, dropped class names).
+
+    Ordinal tasks (dr_grade) may lose only their highest grades (`_check_ordinal_drop`).
+    """
     ok = table["reason"].isna()
     counts = splits.class_counts(table.loc[ok, "y"], len(class_names), multilabel)
     rare = splits.rare_classes(counts, min_count) if min_count > 0 else []
     if not rare:
         return class_names, []
     keep = [i for i in range(len(class_names)) if i not in rare]
+    if ordinal:
+        _check_ordinal_drop(class_names, counts, rare, min_count)
     if len(keep) < (1 if multilabel else 2):
         raise ValueError(f"--min_class_count={min_count} would drop all classes {class_names}")
     new_index = {old: new for new, old in enumerate(keep)}
@@ -499,7 +524,7 @@ def make_plan(cfg: PrepareConfig, source: sources.Source) -> Plan:
     table = source.table.copy()
     conflicts, same_bytes = _pre_reject(table, source, spec, class_names)
     class_names, dropped = _drop_rare(table, class_names, cfg.min_class_count,
-                                      cfg.task == "multilabel")
+                                      cfg.task == "multilabel", cfg.task == "dr_grade")
     kept = table["reason"].isna().to_numpy()
     split_info = _assign_splits(cfg, table, kept, class_names, source.images_dir, same_bytes)
     shards = _make_shards(cfg, table, len(class_names))
@@ -769,6 +794,7 @@ def summarize(cfg: PrepareConfig, source: sources.Source, plan: Plan,
             "label_columns": source.label_columns,
             "image_size": cfg.image_size,
             "image_format": "jpeg",
+            "modality": cfg.modality or modality_lib.default_modality(cfg.crop),
             "preprocessing": {"crop": cfg.crop, "clahe": None if cfg.clahe == "none"
                               else cfg.clahe, "clahe_clip_limit": pp_cfg.clahe_clip_limit,
                               "clahe_tile_grid": pp_cfg.clahe_tile_grid,
@@ -860,6 +886,9 @@ def define_flags() -> None:
     flags.DEFINE_string("label_map", None, "raw:index,... e.g. none:0,npdr:1,pdr:1.")
     flags.DEFINE_integer("image_size", 512, "Output side length in pixels.")
     flags.DEFINE_string("crop", "fundus", "fundus | none.")
+    flags.DEFINE_string("modality", None, "fundus | oct | other: recorded in dataset.json, "
+                        "sets the augmentation defaults; default: fundus for --crop=fundus, "
+                        "else other.")
     flags.DEFINE_string("clahe", "none", "none | green | lab.")
     flags.DEFINE_bool("ben_graham", False, "Ben Graham local-colour normalisation.")
     flags.DEFINE_float("ben_graham_sigma", 10.0, "Ben Graham blur sigma at 512 px.")
@@ -907,7 +936,8 @@ def config_from_flags(f=flags.FLAGS) -> PrepareConfig:
             image_column=f.image_column,
             class_names=tuple(f.class_names) if f.class_names else None,
             positive_threshold=f.positive_threshold, label_map=f.label_map,
-            image_size=f.image_size, crop=f.crop, clahe=f.clahe, ben_graham=f.ben_graham,
+            image_size=f.image_size, crop=f.crop, modality=f.modality, clahe=f.clahe,
+            ben_graham=f.ben_graham,
             ben_graham_sigma=f.ben_graham_sigma, jpeg_quality=f.jpeg_quality,
             dark_threshold=f.dark_threshold, small_field_fraction=f.small_field_fraction,
             small_field_pixels=f.small_field_pixels, split=f.split,

@@ -15,7 +15,8 @@ for a task and says, per row, why a label cannot be used. No image is read here
 (except the RetinaMNIST npz, whose arrays are written out as PNGs once).
 
 Adapters (the `--source` flag): generic, eyepacs, aptos, idrid, rfmid, odir,
-folders (Kermany OCT style), npz (RetinaMNIST), mexico.
+folders (Kermany OCT style), npz (RetinaMNIST), mexico, rfmid_odir (RFMiD + ODIR-5K in
+OcuNet's 30-label space).
 """
 
 import csv
@@ -393,9 +394,90 @@ def mexico(args: SourceArgs) -> Source:
     return source
 
 
+# OcuNet v4's 30-label space, in its order.
+OCUNET_LABELS = ("Disease_Risk", "DR", "ARMD", "MH", "DN", "MYA", "BRVO", "TSLN", "ERM", "LS",
+                 "MS", "CSR", "ODC", "CRVO", "AH", "ODP", "ODE", "AION", "PT", "RT", "RS", "CRS",
+                 "EDN", "RPEC", "MHL", "CATARACT", "GLAUCOMA", "NORMAL", "RD", "RP")
+# ODIR-5K label -> OcuNet label (H hypertension and O other have no OcuNet label).
+ODIR_TO_OCUNET = {"D": "DR", "G": "GLAUCOMA", "C": "CATARACT", "A": "ARMD", "M": "MYA",
+                  "N": "NORMAL"}
+# ODIR's per-eye diagnostic keywords that name an OcuNet label ODIR has no column for.
+ODIR_KEYWORDS = {"RD": "retinal detachment", "RP": "retinitis pigmentosa"}
+
+
+def _split_pair(value: str | None, flag: str) -> tuple[str, str]:
+    parts = [p.strip() for p in (value or "").split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"{flag}: --source=rfmid_odir needs two comma-separated values "
+                         f"(RFMiD first, then ODIR-5K), got {value!r}")
+    return parts[0], parts[1]
+
+
+def _absolute(source: Source) -> list[str]:
+    return [p if os.path.isabs(p) else os.path.join(source.images_dir, p)
+            for p in source.table["path"]]
+
+
+def _ocunet_rfmid(args: SourceArgs) -> tuple[list, list, list]:
+    """RFMiD rows -> (paths, 30-label tuples, patients): same-named columns, NORMAL =
+    not Disease_Risk, labels RFMiD lacks (CATARACT, GLAUCOMA, RD) "0"."""
+    src = rfmid(dataclasses.replace(args, label_columns=(), multilabel=True))
+    df = read_csv(args.labels_csv)
+    labels = []
+    for _, row in df.iterrows():
+        risk = row["Disease_Risk"]
+        normal = "" if risk == "" else str(1 - int(float(risk)))
+        labels.append(tuple(normal if name == "NORMAL" else
+                            (row[name] if name in df.columns else "0") for name in OCUNET_LABELS))
+    return _absolute(src), labels, [""] * len(labels)
+
+
+def _ocunet_odir(args: SourceArgs) -> tuple[list, list, list]:
+    """ODIR-5K eyes -> (paths, 30-label tuples, patients "odir:<ID>"): mapped columns,
+    Disease_Risk = not N, RD/RP from the eye's diagnostic keywords, the rest "0"."""
+    src = odir(dataclasses.replace(args, label_columns=ODIR_LABELS, multilabel=True))
+    df = read_csv(args.labels_csv)
+    labels = []
+    for i in range(len(df)):
+        row = df.iloc[i]
+        for side in ("Left", "Right"):
+            words = str(row.get(f"{side}-Diagnostic Keywords", "")).lower()
+            mapped = {o: row[k] for k, o in ODIR_TO_OCUNET.items()}
+            n = row["N"]
+            mapped["Disease_Risk"] = "" if n == "" else str(1 - int(float(n)))
+            mapped.update({o: str(int(w in words)) for o, w in ODIR_KEYWORDS.items()})
+            labels.append(tuple(mapped.get(name, "0") for name in OCUNET_LABELS))
+    return _absolute(src), labels, [f"odir:{p}" for p in src.table["patient_id"]]
+
+
+def rfmid_odir(args: SourceArgs) -> Source:
+    """RFMiD + ODIR-5K in OcuNet's 30-label space (multilabel only).
+
+    --labels_csv=RFMID_CSV,ODIR_CSV and --images_dir=RFMID_IMAGES,ODIR_IMAGES (two
+    comma-separated values each, RFMiD first). Labels a source has no column for are 0
+    (e.g. CATARACT in RFMiD, BRVO in ODIR): absent from that source's annotation, which
+    is how OcuNet trained; `--min_class_count` drops labels left with too few positives.
+    """
+    if not args.multilabel:
+        raise ValueError("--source=rfmid_odir is multilabel: pass --task=multilabel")
+    if args.split_column:
+        raise ValueError("--split_column: --source=rfmid_odir has no shared split column")
+    csvs, dirs = (_split_pair(args.labels_csv, "--labels_csv"),
+                  _split_pair(args.images_dir, "--images_dir"))
+    paths, labels, patients = [], [], []
+    for part, csv_path, images in zip((_ocunet_rfmid, _ocunet_odir), csvs, dirs, strict=True):
+        p, lab, pat = part(dataclasses.replace(args, labels_csv=csv_path, images_dir=images))
+        paths += p
+        labels += lab
+        patients += pat
+    root = os.path.commonpath([os.path.abspath(d) for d in dirs])
+    return Source(_table(paths, labels, patients), root, list(OCUNET_LABELS),
+                  list(OCUNET_LABELS), "rfmid_odir")
+
+
 ADAPTERS: dict[str, Callable[[SourceArgs], Source]] = {
     "generic": generic, "eyepacs": eyepacs, "aptos": aptos, "idrid": idrid, "rfmid": rfmid,
-    "odir": odir, "folders": folders, "npz": npz, "mexico": mexico,
+    "odir": odir, "folders": folders, "npz": npz, "mexico": mexico, "rfmid_odir": rfmid_odir,
 }
 
 

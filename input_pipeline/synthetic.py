@@ -3,6 +3,7 @@
 The embedded demo dataset (`make demo`) and the image source of many tests:
 
     python -m input_pipeline.synthetic --out_dir=D --num_images=800 --image_size=256 --seed=0
+    python -m input_pipeline.synthetic --layout=rfmid --out_dir=D ...   (synthetic_layouts.py)
 
 writes `D/images/NNNNNN.jpg` (JPEG quality 92) and `D/labels.csv` with the columns
 `CSV_COLUMNS`; `image` is relative to D. Image i depends only on (seed, i): the same seed
@@ -646,11 +647,21 @@ def _define_flags() -> None:
     flags.DEFINE_integer("num_images", 800, "Number of images (two per patient).")
     flags.DEFINE_integer("image_size", 256, "Image height in pixels.")
     flags.DEFINE_integer("seed", 0, "Dataset seed; same seed, same bytes.")
+    flags.DEFINE_string("layout", "demo", "demo (images/ + labels.csv) or a public source's "
+                        "layout: eyepacs, rfmid, odir, idrid, kermany (synthetic_layouts.py).")
     flags.mark_flag_as_required("out_dir")
 
 
 def main(argv) -> None:
     del argv
+    if FLAGS.layout != "demo":
+        from input_pipeline import synthetic_layouts
+
+        layout = synthetic_layouts.write_layout(FLAGS.layout, FLAGS.out_dir, FLAGS.num_images,
+                                                FLAGS.image_size, FLAGS.seed)
+        print(f"wrote a {FLAGS.layout} layout of {FLAGS.num_images} images; prepare with "
+              + " ".join(layout.prepare_flags()))
+        return
     df = generate(FLAGS.out_dir, FLAGS.num_images, FLAGS.image_size, FLAGS.seed)
     grades = df["dr_grade"].value_counts().sort_index().to_dict()
     print(f"wrote {len(df)} images to {FLAGS.out_dir}; dr_grade counts {grades}; "

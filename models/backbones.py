@@ -120,32 +120,75 @@ def resnet50v2(image_size: int, weights: str | None = None) -> keras.Model:
     return _application("resnet50v2", keras.applications.ResNet50V2, image_size, weights)
 
 
+CONVNEXT_TINY = ((3, 3, 9, 3), (96, 192, 384, 768))
+EFFICIENTNET_B3 = (1.2, 1.4)  # (width, depth) coefficients
+
+
+def _scaled(name: str, weights, custom: bool):
+    """Scaled-down variants (debug configs) have no ImageNet weights."""
+    if custom and weights == "imagenet":
+        raise ValueError(f"{name}: ImageNet weights exist only for the standard size; "
+                         "unbind the size arguments or pass weights=None")
+
+
 @register("convnext_tiny")
-def convnext_tiny(image_size: int, weights: str | None = None) -> keras.Model:
-    """ConvNeXt-Tiny (Liu et al. 2022): ``[B, S/32, S/32, 768]``."""
-    return _application(
-        "convnext_tiny",
-        keras.applications.ConvNeXtTiny,
-        image_size,
-        weights,
-        include_preprocessing=True,
-    )
+@gin.configurable
+def convnext_tiny(image_size: int, weights: str | None = None,
+                  depths: tuple[int, ...] = CONVNEXT_TINY[0],
+                  projection_dims: tuple[int, ...] = CONVNEXT_TINY[1]) -> keras.Model:
+    """ConvNeXt-Tiny (Liu et al. 2022): ``[B, S/32, S/32, projection_dims[-1]]`` (768).
+
+    ``depths`` / ``projection_dims`` other than Tiny's build the same block design
+    smaller (the `_debug` configs: a CI chain in seconds); random init only.
+    """
+    custom = (tuple(depths), tuple(projection_dims)) != CONVNEXT_TINY
+    _scaled("convnext_tiny", weights, custom)
+    if not custom:
+        return _application("convnext_tiny", keras.applications.ConvNeXtTiny, image_size,
+                            weights, include_preprocessing=True)
+    from keras.src.applications import convnext  # the block builder behind ConvNeXtTiny
+
+    return _application("convnext_tiny", convnext.ConvNeXt, image_size, weights,
+                        depths=list(depths), projection_dims=list(projection_dims),
+                        include_preprocessing=True)
 
 
 @register("efficientnet_b3")
-def efficientnet_b3(image_size: int, weights: str | None = None) -> keras.Model:
-    """EfficientNet-B3 (Tan & Le 2019): ``[B, S/32, S/32, 1536]``; native size 300."""
-    return _application("efficientnet_b3", keras.applications.EfficientNetB3, image_size, weights)
+@gin.configurable
+def efficientnet_b3(image_size: int, weights: str | None = None,
+                    width_coefficient: float = EFFICIENTNET_B3[0],
+                    depth_coefficient: float = EFFICIENTNET_B3[1]) -> keras.Model:
+    """EfficientNet-B3 (Tan & Le 2019): ``[B, S/32, S/32, 1536]``; native size 300.
+
+    Other width/depth coefficients scale the same design (`_debug` configs; random init).
+    """
+    custom = (width_coefficient, depth_coefficient) != EFFICIENTNET_B3
+    _scaled("efficientnet_b3", weights, custom)
+    if not custom:
+        return _application("efficientnet_b3", keras.applications.EfficientNetB3, image_size,
+                            weights)
+    from keras.src.applications import efficientnet
+
+    return _application("efficientnet_b3", efficientnet.EfficientNet, image_size, weights,
+                        width_coefficient=width_coefficient,
+                        depth_coefficient=depth_coefficient, default_size=300)
 
 
 @register("mobilenetv3_large")
-def mobilenetv3_large(image_size: int, weights: str | None = None) -> keras.Model:
-    """MobileNetV3-Large (Howard et al. 2019): ``[B, S/32, S/32, 960]``."""
+@gin.configurable
+def mobilenetv3_large(image_size: int, weights: str | None = None,
+                      alpha: float = 1.0) -> keras.Model:
+    """MobileNetV3-Large (Howard et al. 2019): ``[B, S/32, S/32, 960]``.
+
+    ``alpha`` < 1 thins every layer (`_debug` configs; ImageNet weights exist for 0.75 too).
+    """
+    _scaled("mobilenetv3_large", weights, alpha not in (1.0, 0.75))
     return _application(
         "mobilenetv3_large",
         keras.applications.MobileNetV3Large,
         image_size,
         weights,
+        alpha=alpha,
         include_preprocessing=True,
         minimalistic=False,
     )

@@ -16,6 +16,9 @@ the rule that is later tuned and served. Stable names, so training can monitor e
 | `dr_grade`   | qwk, accuracy, macro_f1                |
 | `multilabel` | auc, map, macro_f1                     |
 
+``default_monitor(task)`` is the validation metric that selects the best checkpoint when
+``train.monitor`` is not set (`DEFAULT_MONITOR` says why per task).
+
 ``auc``/``map`` are Keras' thresholded AUC (200 thresholds; ``map`` is the PR-AUC, an
 approximation of average precision); exact split-level values live in ``evaluation/``.
 """
@@ -270,3 +273,28 @@ def get_metrics(task: str, num_classes: int, head: str | None = None) -> list:
     if task == "binary":
         metrics.append(HeadAUC(num_classes, head, curve="PR", name="map"))
     return metrics
+
+
+# The checkpoint-selection metric per task when train.monitor is not set:
+# - dr_grade: QWK, the grading community's metric (penalises far-off grades more);
+# - binary: AUC, threshold-free (the operating point is tuned after training);
+# - multiclass: macro-F1, because accuracy rewards predicting the majority class of
+#   an imbalanced set (Kermany OCT: NORMAL/CNV dominate);
+# - multilabel: mAP (PR-AUC), threshold-free: macro-F1 at a fixed 0.5 is ~0 for the rare
+#   labels until late in training (their probabilities stay below 0.5) and is noisy,
+#   whereas per-label thresholds are tuned on validation after training anyway.
+DEFAULT_MONITOR = {"dr_grade": "val_qwk", "binary": "val_auc", "multiclass": "val_macro_f1",
+                   "multilabel": "val_map"}
+
+
+def default_monitor(task: str) -> str:
+    """The validation metric that selects the best checkpoint for ``task``."""
+    if task not in DEFAULT_MONITOR:
+        raise ValueError(f"Unknown task {task!r}; known: {sorted(DEFAULT_MONITOR)}")
+    return DEFAULT_MONITOR[task]
+
+
+def logged_names(task: str, num_classes: int, head: str | None = None) -> list[str]:
+    """Names ``fit`` logs for ``task``: loss and metrics, with their ``val_`` twins."""
+    names = ["loss", *(m.name for m in get_metrics(task, num_classes, head))]
+    return names + [f"val_{n}" for n in names]

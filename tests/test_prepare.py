@@ -347,6 +347,35 @@ def test_min_class_count_single_label_and_multilabel(tmp_path):
     assert last["label"].tolist() == [1.0, 1.0]
 
 
+def test_min_class_count_dr_grade_keeps_grade_numbers(tmp_path):
+    # Grade 1 has one row: dropping it would renumber 2,3,4 -> 1,2,3 (referable would
+    # silently mean original grade >= 3), so prepare refuses before reading images.
+    csv_path, images = _make_dataset(tmp_path, [0, 0, 1, 2, 2, 3, 3, 4, 4])
+    with pytest.raises(ValueError, match=r"grade\(s\) 1 \(1 rows\).*ordinal scale"):
+        run(_config(tmp_path, csv_path, images, task="dr_grade", min_class_count=2))
+    assert not os.path.exists(tmp_path / "out" / "dataset.json")
+    # The highest grade alone is rare: dropped, and grades 0-3 keep their numbers.
+    csv_path, images = _make_dataset(tmp_path, [0, 0, 1, 1, 2, 2, 3, 3, 4])
+    cfg = _config(tmp_path, csv_path, images, out="top", task="dr_grade", min_class_count=2)
+    summary = run(cfg)
+    assert summary["dropped_classes"] == ["4"] and summary["class_names"] == ["0", "1", "2", "3"]
+    records = [r for rs in _all_records(cfg.out_dir, summary).values() for r in rs]
+    assert sorted((r["source"], int(r["label"])) for r in records) == [
+        (f"img_{i:03d}.png", g) for i, g in enumerate([0, 0, 1, 1, 2, 2, 3, 3])]
+
+
+def test_modality_is_recorded_from_the_flag_or_the_crop(tmp_path):
+    csv_path, images = _make_dataset(tmp_path, [0, 1, 0, 1])
+    kw = dict(task="binary", split="0.5,0.25,0.25")
+    assert run(_config(tmp_path, csv_path, images, out="a", **kw))["modality"] == "other"
+    assert run(_config(tmp_path, csv_path, images, out="b", crop="fundus",
+                       **kw))["modality"] == "fundus"
+    assert run(_config(tmp_path, csv_path, images, out="c", modality="oct",
+                       **kw))["modality"] == "oct"
+    with pytest.raises(ValueError, match="--modality"):
+        run(_config(tmp_path, csv_path, images, out="d", modality="xray", **kw))
+
+
 def test_npz_source_keeps_official_splits(tmp_path):
     rng = np.random.default_rng(0)
     arrays = {}

@@ -306,31 +306,96 @@ class OperativeConfigWriter(keras.callbacks.Callback):
 
 
 class Throughput(keras.callbacks.Callback):
-    """Training images/s over the epochs run, validation excluded (first epoch: compile too)."""
+    """Training images/s, validation excluded: overall, and steady state.
+
+    `images_per_second` counts every epoch, so it includes tracing/XLA compilation in
+    the first epoch of each `fit` (each training stage compiles anew);
+    `steady_images_per_second` leaves those first epochs out (None when no other epoch ran).
+    """
 
     def __init__(self, images_per_step: int):
         super().__init__()
         self.images_per_step = images_per_step
         self.seconds, self.steps = 0.0, 0
+        self.steady_seconds, self.steady_steps = 0.0, 0
         self._t0 = None
+        self._epoch_steps = 0
+        self._warm = False  # False during the first epoch of a fit() call
+
+    def on_train_begin(self, logs=None):
+        self._warm = False
 
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.perf_counter()
+        self._epoch_steps = 0
 
     def on_train_batch_end(self, batch, logs=None):
-        self.steps += 1
+        self._epoch_steps += 1
 
     def on_test_begin(self, logs=None):
-        if self._t0 is not None:  # validation inside fit: stop the train clock
-            self.seconds += time.perf_counter() - self._t0
-            self._t0 = None
+        if self._t0 is None:
+            return
+        # validation inside fit: stop the train clock
+        seconds = time.perf_counter() - self._t0
+        self.seconds += seconds
+        self.steps += self._epoch_steps
+        if self._warm:
+            self.steady_seconds += seconds
+            self.steady_steps += self._epoch_steps
+        self._t0, self._epoch_steps = None, 0
 
     def on_epoch_end(self, epoch, logs=None):
         self.on_test_begin()
+        self._warm = True
 
     @property
     def images_per_second(self) -> float:
         return self.steps * self.images_per_step / self.seconds if self.seconds else 0.0
+
+    @property
+    def steady_images_per_second(self) -> float | None:
+        if not self.steady_seconds:
+            return None
+        return self.steady_steps * self.images_per_step / self.steady_seconds
+
+
+class TunedMacroF1(keras.callbacks.Callback):
+    """Adds `val_tuned_macro_f1` to the epoch logs: validation macro-F1 after per-label
+    threshold tuning (multilabel), the RFMiD system's model-selection metric.
+
+    Each epoch: sigmoid probabilities of the validation split, one F1-optimal threshold
+    per label (`models.decision.label_threshold`: recall >= min_recall, threshold <=
+    max_threshold, else 0.5), and the mean of the per-label F1s at those thresholds.
+    Must come before BestCheckpoint / EarlyStopping in the callback list (they read the
+    same logs dict).
+
+    Args:
+        val_ds: tf.data of (image float32 [B,S,S,3], label float32 [B, C]); one pass.
+    """
+
+    NAME = "val_tuned_macro_f1"
+
+    def __init__(self, val_ds, min_recall: float = 0.3, max_threshold: float = 0.7):
+        super().__init__()
+        self.val_ds, self.min_recall, self.max_threshold = val_ds, min_recall, max_threshold
+        self.thresholds = None  # float [C] of the last epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        from models import decision
+
+        probs, labels = [], []
+        for images, y in self.val_ds:  # numpy in: also runs on the JAX backend
+            logits = keras.ops.convert_to_numpy(self.model(images.numpy(), training=False))
+            probs.append(1.0 / (1.0 + np.exp(-logits.astype(np.float64))))
+            labels.append(y.numpy())
+        probs, labels = np.concatenate(probs), np.concatenate(labels)
+        tuned = [decision.label_threshold(labels[:, c], probs[:, c],
+                                          min_recall=self.min_recall,
+                                          max_threshold=self.max_threshold)
+                 for c in range(labels.shape[1])]
+        self.thresholds = [t["threshold"] for t in tuned]
+        if logs is not None:
+            logs[self.NAME] = float(np.mean([t["f1"] for t in tuned]))
 
 
 class ConfusionMatrixImage(keras.callbacks.Callback):

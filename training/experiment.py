@@ -36,6 +36,7 @@ from absl import logging
 import models
 from input_pipeline import augment, integrity, pipeline  # noqa: F401  (augment: gin)
 from input_pipeline import inspect as inspect_lib
+from input_pipeline import modality as modality_lib
 from models import backbones, decision, heads, losses, metrics  # noqa: F401  (backbones: gin configurables)
 from training import callbacks as cb
 from training import config as config_lib
@@ -45,7 +46,7 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 # Arguments `_build_model` passes to models.build_model (bind train.X, never build_model.X).
 _MODEL_ARGS = ("name", "task", "num_classes", "image_size", "weights", "dropout", "head")
 _DATASET_ARGS = ("file_pattern", "batch_size", "training", "image_size", "task", "num_classes",
-                 "seed", "deterministic")
+                 "seed", "deterministic", "augment_config")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +73,12 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
           min_lr_ratio: float = 0.01, backbone_lr_factor: float | None = None,
           head_lr_factor: float = 1.0, use_ema: bool = False, clipnorm: float | None = None,
           freeze_backbone_epochs: int = 0, finetune_lr_factor: float = 0.1,
-          monitor: str = "val_qwk", mode: str = "auto", early_stopping_patience: int = 0,
+          monitor: str | None = None, mode: str = "auto", early_stopping_patience: int = 0,
           checkpoint_every_epochs: int = 5, seed: int = 0, deterministic: bool = False,
           precision: str = "float32", jit_compile: bool = True,
           steps_per_epoch: int | None = None, bn_recalibration_batches: int = 0,
-          tensorboard: bool = True,
+          tensorboard: bool = True, tune_thresholds_each_epoch: bool = False,
+          threshold_min_recall: float = 0.3, threshold_max: float = 0.7,
           verbose: int = 2) -> dict:
     """Trains a model on a prepared data dir; returns the training summary dict.
 
@@ -103,7 +105,10 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
         freeze_backbone_epochs: N > 0 trains the head alone for N epochs, then all
             layers at `learning_rate * finetune_lr_factor` with a fresh optimizer.
         monitor, mode: metric for best checkpoint and early stopping ("val_qwk",
-            "val_macro_f1", "val_auc", "val_loss", ...); mode "auto": min for losses.
+            "val_macro_f1", "val_auc", "val_loss", ...); None: the task's
+            `models.metrics.default_monitor` (val_qwk, val_auc, val_macro_f1, val_map);
+            a name `fit` will not log fails before the workdir is created.
+            mode "auto": min for losses.
         early_stopping_patience: epochs without improvement before stopping (0: off;
             counted within the last stage).
         checkpoint_every_epochs: also keep `epoch_NNN.weights.h5` every N epochs (0: off).
@@ -115,10 +120,18 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
             training batches before each validation ("precise BN", callbacks.py);
             worth it in short runs, where Keras' BN momentum 0.99 lags.
         tensorboard: write TensorBoard logs (scalars, input grid, confusion matrix).
+        tune_thresholds_each_epoch, threshold_min_recall, threshold_max: multilabel
+            only: after each epoch, tune per-label thresholds on the validation split
+            (F1-optimal with recall >= min_recall, threshold <= max) and log the
+            resulting macro-F1 as `val_tuned_macro_f1` (monitor it to select the
+            checkpoint as the RFMiD system did).
     """
     t_start = time.time()
     info = load_dataset_info(data_dir)
     task = task or info["task"]
+    monitor = _resolve_monitor(monitor, task, info["num_classes"], head,
+                               tune_thresholds_each_epoch)
+    mode = _resolve_mode(monitor, mode)
     _check_workdir(workdir, resume)
     changes = _check_resume_plan(workdir, data_dir, allow_changes) if resume else {}
     summary_path = os.path.join(workdir, "training_summary.json")
@@ -135,7 +148,6 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
     try:
         with integrity.naming_corrupt_shards(shards):
             with _as_config_errors():
-                mode = _resolve_mode(monitor, mode)
                 _check_bindings()
                 jit_compile = _seed_everything(seed, deterministic, jit_compile)
                 _set_precision(precision)
@@ -163,6 +175,8 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
                                      checkpoint_every_epochs)
             throughput, nan_guard = cb.Throughput(batch_size), cb.TerminateOnNaN()
             run_cbs = [throughput, nan_guard]  # shared by all stages
+            if tune_thresholds_each_epoch:  # before BestCheckpoint: it adds the monitored log
+                run_cbs.append(cb.TunedMacroF1(val_ds, threshold_min_recall, threshold_max))
             if bn_recalibration_batches:
                 run_cbs.append(cb.PreciseBatchNorm([images for images, _ in first]))
             if tensorboard:
@@ -216,13 +230,15 @@ def _build_datasets(data_dir, info, task, image_size, batch_size, seed, determin
                     steps_per_epoch):
     """(train tf.data (repeats), val tf.data (one pass), train steps per epoch).
 
-    Augmentation is `AugmentConfig()`, caching/sampling are `make_dataset` arguments:
+    Augmentation is `AugmentConfig` with the defaults of dataset.json's modality
+    (`augment.config_for_modality`), caching/sampling are `make_dataset` arguments:
     bind them in gin (`AugmentConfig.hue = 0.0`, `make_dataset.cache = "auto"`).
     """
     common = dict(batch_size=batch_size, image_size=image_size, task=task,
                   num_classes=info["num_classes"], seed=seed, deterministic=deterministic)
+    augment_config = augment.config_for_modality(modality_lib.modality_of(info))
     train_ds = pipeline.make_dataset(os.path.join(data_dir, "train-*.tfrecord"),
-                                     training=True, **common)
+                                     training=True, augment_config=augment_config, **common)
     val_ds = pipeline.make_dataset(os.path.join(data_dir, "val-*.tfrecord"), training=False,
                                    **common)
     # A known length spares Keras the "input ran out of data" warning after each validation.
@@ -320,6 +336,22 @@ def _compile_stage(net, stage, task, info, head, loss_fn, steps, warmup_epochs, 
 
 
 # ----------------------------------------------------------------------------- run setup
+
+
+def _resolve_monitor(monitor: str | None, task: str, num_classes: int, head: str | None,
+                     tuned_f1: bool) -> str:
+    """The monitored log name (task default when None); raises ValueError naming the
+    available ones when `fit` would never log it (which used to fail after epoch 1)."""
+    if tuned_f1 and task != "multilabel":
+        raise ValueError(f"train.tune_thresholds_each_epoch is for multilabel, not {task!r}")
+    available = metrics.logged_names(task, num_classes, head)
+    if tuned_f1:
+        available.append(cb.TunedMacroF1.NAME)
+    monitor = monitor or metrics.default_monitor(task)
+    if monitor not in available:
+        raise ValueError(f"train.monitor={monitor!r} is not logged for task {task!r}; "
+                         f"available: {', '.join(available)}")
+    return monitor
 
 
 def _resolve_mode(monitor: str, mode: str) -> str:
@@ -604,7 +636,9 @@ def _write_artifacts(workdir, net, best, throughput, t_start, resumed, nan, extr
                           if k not in ("epoch", None)},
         "epochs_run": len(rows), "resumed": bool(resumed), "terminated_on_nan": bool(nan),
         "wall_time_s": round(time.time() - t_start, 2),
-        "images_per_s": round(throughput.images_per_second, 2),
+        "images_per_s": round(throughput.images_per_second, 2),  # compilation included
+        "images_per_s_steady": (None if throughput.steady_images_per_second is None
+                                else round(throughput.steady_images_per_second, 2)),
         "optimizer_iterations": iterations,
         **extra,
     }
