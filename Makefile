@@ -121,3 +121,54 @@ reproduce-idrid: $(REPRO_DEPS)
 	  --gin_bindings="train.data_dir='$(OUT)/idrid/prepared'" $(TRAIN_FLAGS)
 	$(PY) evaluate.py --workdir=$(OUT)/idrid/run --split=test $(EVAL_FLAGS)
 	$(PY) export.py --workdir=$(OUT)/idrid/run --export_dir=$(OUT)/idrid/export --version=1
+
+# ----------------------------------------------------------------------------- real data
+# README "Results on real data": prepare -> train -> evaluate -> export, from scratch on
+# CPU. DATA is the dataset folder: for RetinaMNIST the one holding retinamnist.npz, for
+# the Mexican sets the one holding labels.csv, duplicates.csv and images/. Prepared data,
+# workdirs and exports go under $(REAL)/<name>/.
+REAL ?= real_runs
+PREPARE := $(PY) -m input_pipeline.prepare --workers=2 --overwrite
+MEXICO_PREPARE = --source=mexico --labels_csv=$(DATA)/labels.csv --images_dir=$(DATA) \
+  --duplicates_csv=$(DATA)/duplicates.csv --image_size=192
+
+.PHONY: reproduce-retinamnist reproduce-mexico-fundus-dme reproduce-mexico-fundus-dr \
+  reproduce-mexico-oct-dme check-data
+
+check-data:
+	@test -n "$(DATA)" || { echo "Set DATA=path/to/the/dataset/folder"; exit 2; }
+
+# train -> evaluate (single view, kept as eval_single/) -> evaluate with flip TTA -> export.
+# $(1): name under $(REAL); $(2): config name.
+define train_evaluate_export
+	rm -rf $(REAL)/$(1)/run $(REAL)/$(1)/export
+	$(PY) train.py --gin_file=configs/$(2).gin \
+	  --gin_bindings="train.data_dir='$(REAL)/$(1)/data'" --workdir=$(REAL)/$(1)/run
+	$(PY) evaluate.py --workdir=$(REAL)/$(1)/run --split=test
+	mv $(REAL)/$(1)/run/eval $(REAL)/$(1)/run/eval_single
+	$(PY) evaluate.py --workdir=$(REAL)/$(1)/run --split=test --tta
+	$(PY) export.py --workdir=$(REAL)/$(1)/run --export_dir=$(REAL)/$(1)/export --version=1
+	$(PY) -m evaluation.summary --eval=eval_single $(REAL)/$(1)/run
+	$(PY) -m evaluation.summary $(REAL)/$(1)/run
+endef
+
+reproduce-retinamnist: $(STAMP) check-data
+	$(PREPARE) --source=npz --labels_csv=$(DATA)/retinamnist.npz \
+	  --out_dir=$(REAL)/retinamnist/data --task=dr_grade --split_column=split --crop=none \
+	  --image_size=28
+	$(call train_evaluate_export,retinamnist,retinamnist_resnetv2_lite)
+
+reproduce-mexico-fundus-dme: $(STAMP) check-data
+	$(PREPARE) $(MEXICO_PREPARE) --out_dir=$(REAL)/mexico_fundus_dme/data --task=binary \
+	  --label_column=dme --clahe=green
+	$(call train_evaluate_export,mexico_fundus_dme,mexico_fundus_dme)
+
+reproduce-mexico-fundus-dr: $(STAMP) check-data
+	$(PREPARE) $(MEXICO_PREPARE) --out_dir=$(REAL)/mexico_fundus_dr/data --task=dr_grade \
+	  --label_column=dr --class_names=none,npdr,pdr --clahe=green
+	$(call train_evaluate_export,mexico_fundus_dr,mexico_fundus_dr)
+
+reproduce-mexico-oct-dme: $(STAMP) check-data
+	$(PREPARE) $(MEXICO_PREPARE) --out_dir=$(REAL)/mexico_oct_dme/data --task=binary \
+	  --label_column=dme --crop=none
+	$(call train_evaluate_export,mexico_oct_dme,mexico_oct_dme)

@@ -33,8 +33,8 @@ from models.decision import Undefined, binary_probs, confusion_matrix, qwk  # no
 REFERABLE_GRADE = 2  # ICDR: moderate NPDR or worse is referable.
 
 HEADLINE = {
-    "dr_grade": ("qwk", "accuracy", "referable_auc", "referable_sensitivity",
-                 "referable_specificity"),
+    "dr_grade": ("qwk", "accuracy", "macro_auc", "referable_auc", "any_dr_auc",
+                 "referable_sensitivity", "referable_specificity"),
     "binary": ("auc", "sensitivity", "specificity", "balanced_accuracy"),
     "multiclass": ("accuracy", "macro_f1", "macro_auc"),
     "multilabel": ("macro_f1", "micro_f1", "map", "macro_auc"),
@@ -116,14 +116,28 @@ def _mean_defined(fns: Sequence[Callable[[], float]], what: str) -> float:
 # Each `_stats_<task>` returns name -> function of an index array, so the same code
 # gives the split value (all indices) and the bootstrap replicates.
 
+def macro_auc(y: np.ndarray, probs: np.ndarray) -> float:
+    """One-vs-rest ROC AUC averaged over the classes where it is defined.
+
+    y: int [N] in 0..K-1; probs: float [N, K]. With every class present this is
+    MedMNIST's AUC for multi-class tasks and sklearn's
+    `roc_auc_score(y, probs, multi_class="ovr", average="macro")`.
+    """
+    return _mean_defined([lambda c=c: auc(y == c, probs[:, c]) for c in range(probs.shape[1])],
+                         "AUC")
+
+
 def _stats_dr_grade(y, probs, dec, k, referable_grade):
     p_ref = probs[:, referable_grade:].sum(1)  # P(grade >= referable_grade)
     y_ref, d_ref = y >= referable_grade, dec >= referable_grade
+    p_any = 1.0 - probs[:, 0]  # P(grade >= 1): any DR
     return {
         "qwk": lambda i: qwk(confusion_matrix(y[i], dec[i], k)),
         "accuracy": lambda i: float(np.mean(y[i] == dec[i])),
         "weighted_f1": lambda i: _weighted_f1(confusion_matrix(y[i], dec[i], k)),
+        "macro_auc": lambda i: macro_auc(y[i], probs[i]),
         "referable_auc": lambda i: auc(y_ref[i], p_ref[i]),
+        "any_dr_auc": lambda i: auc(y[i] >= 1, p_any[i]),
         "referable_sensitivity": lambda i: sensitivity(y_ref[i], d_ref[i]),
         "referable_specificity": lambda i: specificity(y_ref[i], d_ref[i]),
     }
@@ -161,11 +175,8 @@ def _stats_multiclass(y, probs, dec, k):
         return _mean_defined([lambda c=c: f1_from_counts(tp[c], fp[c], fn[c])
                               for c in range(k)], "F1")
 
-    def macro_auc(i):
-        return _mean_defined([lambda c=c: auc(y[i] == c, probs[i, c]) for c in range(k)], "AUC")
-
     return {"accuracy": lambda i: float(np.mean(y[i] == dec[i])), "macro_f1": macro_f1,
-            "macro_auc": macro_auc}
+            "macro_auc": lambda i: macro_auc(y[i], probs[i])}
 
 
 def _stats_multilabel(y, probs, dec):
@@ -269,6 +280,8 @@ def compute_metrics(task: str, y_true, probs, decisions, class_names: Sequence[s
         referable_grade: dr_grade only; "referable" = grade >= this. Referable AUC uses
             P(referable) = sum of P(grade >= referable_grade); referable sensitivity and
             specificity use the decided grade, i.e. the referral the system makes.
+            Also for dr_grade: `macro_auc` (one-vs-rest over grades, as MedMNIST reports
+            AUC) and `any_dr_auc` (grade >= 1 scored by 1 - P(grade 0)).
 
     Returns:
         JSON-ready dict: task, class_names, num_examples, num_patients (None without ids),

@@ -43,6 +43,28 @@ def test_dr_grade_referable_metrics():
     assert m["qwk"] == pytest.approx(cohen_kappa_score(y, dec, weights="quadratic"))
     assert r["confusion_matrix"][0] == [1, 0, 1, 0, 0]
     assert r["headline"][0] == "qwk"
+    # Any DR (grade >= 1) scored by 1 - P(0) = [.3, .8, .9, 1., .7, .9]: both
+    # negatives (.3, .7) score below every positive.
+    assert m["any_dr_auc"] == pytest.approx(1.0)
+    assert m["macro_auc"] == pytest.approx(
+        roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+
+
+def test_macro_auc_matches_sklearn_ovr_and_medmnist():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 5, 300)
+    logits = rng.normal(size=(300, 5)) + 1.5 * np.eye(5)[y]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    sk = roc_auc_score(y, probs, multi_class="ovr", average="macro")
+    # MedMNIST's getAUC: the plain mean of the per-class one-vs-rest AUCs.
+    medmnist = np.mean([roc_auc_score(y == c, probs[:, c]) for c in range(5)])
+    assert metrics.macro_auc(y, probs) == pytest.approx(sk, abs=1e-12)
+    assert metrics.macro_auc(y, probs) == pytest.approx(medmnist, abs=1e-12)
+    dec = np.argmax(probs, 1)
+    r = metrics.compute_metrics("dr_grade", y, probs, dec, list("01234"), n_boot=50)
+    assert r["metrics"]["macro_auc"] == pytest.approx(sk, abs=1e-12)
+    ci = r["confidence_intervals"]["macro_auc"]
+    assert ci["low"] < sk < ci["high"]
 
 
 def test_binary_metrics_and_ci():
