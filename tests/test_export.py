@@ -208,3 +208,18 @@ def test_mixed_precision_model_is_exported_in_float32():
     assert all(not layer.dtype_policy.name.startswith("mixed") for layer in twin.layers)
     x = np.random.default_rng(1).uniform(0, 255, (2, S, S, 3)).astype(np.float32)
     np.testing.assert_allclose(twin(x).numpy(), mixed(x).numpy().astype(np.float32), atol=0.05)
+
+
+def test_predictor_on_workdir_equals_predictor_on_export(workdir, exported):
+    """Predictor.load takes either; the in-memory graph and the SavedModel give the same rows."""
+    from serving import Predictor
+
+    photos = [synthetic_fundus(90, 120, radius=44, seed=s) for s in range(3)]
+    from_workdir = Predictor.load(workdir).predict(photos)
+    from_export = Predictor.load(exported).predict(photos)
+    assert list(from_workdir.columns) == list(from_export.columns)
+    assert (from_workdir["error"] == "").all()
+    probs = [f"p_{c}" for c in CLASSES]
+    np.testing.assert_allclose(from_workdir[probs].to_numpy(), from_export[probs].to_numpy(),
+                               atol=1e-5)
+    assert from_workdir["grade"].tolist() == from_export["grade"].tolist()
