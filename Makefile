@@ -50,6 +50,9 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.input_pipeline
 	$(PY) -m benchmarks.serving_latency
 	$(PY) -m benchmarks.serving_parity
+	@if [ -f $(DEMO_RUN)/checkpoints/best.weights.h5 ]; then \
+	  $(PY) -m benchmarks.tflite_agreement --workdir=$(DEMO_RUN); \
+	else echo "benchmarks.tflite_agreement skipped: needs a trained $(DEMO_RUN) (make demo)"; fi
 
 clean:
 	rm -rf $(DEMO_DATA) $(DEMO_RUN)

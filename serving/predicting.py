@@ -164,12 +164,13 @@ class Predictor:
                 not pre-processed), or a list mixing them; folders are searched as
                 predict.py does. A [N, H, W, 3] uint8 array counts as N photographs.
         Returns:
-            The columns of `columns(self)`: `path` (the file, or `array[i]` for the
-            i-th input), probabilities (float, NaN on error rows), the decision and
-            `error` ("" when predicted). Bad inputs get their `error`, never raise.
+            The columns of `columns(self)`: `path` (the file, or `array[i]` for an
+            array, i its row), probabilities (float, NaN on error rows), the
+            decision (Int64, <NA> on error rows; `labels` stays a ";"-joined string)
+            and `error` ("" when predicted). Bad inputs get their `error`, never raise.
         """
         rows = predict_files(self, _sources(inputs), batch_size, progress=False)
-        return _typed(pd.DataFrame(rows, columns=columns(self)))
+        return _typed(pd.DataFrame(rows, columns=columns(self)), self)
 
 
 def from_saved_model(path: str | pathlib.Path) -> Predictor:
@@ -223,19 +224,19 @@ def _sources(inputs) -> list[Source]:
     return sources
 
 
-def _typed(frame: pd.DataFrame) -> pd.DataFrame:
-    """CSV strings -> numbers in every column whose non-empty cells all are numbers."""
+def _typed(frame: pd.DataFrame, predictor: Predictor) -> pd.DataFrame:
+    """CSV strings -> float probabilities (NaN when empty) and an Int64 decision (<NA>)."""
     for name in frame.columns:
-        values = frame[name].replace("", None)
-        numbers = pd.to_numeric(values, errors="coerce")
-        if numbers.notna().sum() == values.notna().sum() and values.notna().any():
-            whole = numbers.dropna().eq(numbers.dropna().round()).all()
-            frame[name] = numbers.astype("Int64") if whole and name != "path" else numbers
+        if name.startswith("p_"):
+            frame[name] = pd.to_numeric(frame[name].replace("", None)).astype("float64")
+    if predictor.decision_name != "labels":
+        decision = frame[predictor.decision_name].replace("", None)
+        frame[predictor.decision_name] = decision.astype("Int64")
     return frame
 
 
 def _name(source: Source, index: int) -> str:
-    """The `path` cell of a source: the file, or `array[i]` (i: position in the inputs)."""
+    """The `path` cell of a source: the file, or `array[i]` (i: its row)."""
     return f"array[{index}]" if isinstance(source, np.ndarray) else str(source)
 
 

@@ -259,3 +259,18 @@ def test_tta_from_thresholds_json_is_served(model, workdir, tmp_path):
     one_view = dataclasses.replace(tta_spec, tta=False)
     single = tf.function(exporting.tensor_fn(model, one_view))(tf.constant(x))
     assert not np.allclose(single["probabilities"].numpy(), probs, atol=1e-5)
+
+
+def test_predictor_on_workdir_equals_predictor_on_export(workdir, exported):
+    """Predictor.load takes either; the in-memory graph and the SavedModel give the same rows."""
+    from serving import Predictor
+
+    photos = [synthetic_fundus(90, 120, radius=44, seed=s) for s in range(3)]
+    from_workdir = Predictor.load(workdir).predict(photos)
+    from_export = Predictor.load(exported).predict(photos)
+    assert list(from_workdir.columns) == list(from_export.columns)
+    assert (from_workdir["error"] == "").all()
+    probs = [f"p_{c}" for c in CLASSES]
+    np.testing.assert_allclose(from_workdir[probs].to_numpy(), from_export[probs].to_numpy(),
+                               atol=1e-5)
+    assert from_workdir["grade"].tolist() == from_export["grade"].tolist()

@@ -22,10 +22,19 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def model_and_spec():
+    """A CORN model (its probabilities once needed Cumprod, which TFLite lacks), tuned rule."""
     keras.utils.set_random_seed(0)
-    model = build_model("resnetv2_lite", "dr_grade", 5, S)
+    model = build_model("resnetv2_lite", "dr_grade", 5, S, head="corn")
     spec = exporting.spec_from_dataset(model, DATASET)
+    assert spec.head == "corn"
     return model, dataclasses.replace(spec, rule=RULE, temperature=1.5)
+
+
+@pytest.fixture(scope="module")
+def coral_model() -> keras.Model:
+    """The workdir's model: CORAL, whose int8 probabilities need a float concatenation."""
+    keras.utils.set_random_seed(1)
+    return build_model("resnetv2_lite", "dr_grade", 5, S)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +74,7 @@ def test_unknown_quantization_and_int8_without_images_are_refused(saved_model):
 
 
 @pytest.fixture(scope="module")
-def workdir(model_and_spec, tmp_path_factory) -> pathlib.Path:
+def workdir(coral_model, tmp_path_factory) -> pathlib.Path:
     """A trained workdir whose data_dir holds one train shard (int8 calibration images)."""
     root = tmp_path_factory.mktemp("tflite_workdir")
     data = root / "prepared"
@@ -82,11 +91,11 @@ def workdir(model_and_spec, tmp_path_factory) -> pathlib.Path:
     (w / "operative_config.gin").write_text(
         f"train.model = 'resnetv2_lite'\ntrain.image_size = {S}\ntrain.data_dir = '{data}'\n")
     (w / "dataset.json").write_text(json.dumps(DATASET))
-    model_and_spec[0].save_weights(str(w / "checkpoints" / "best.weights.h5"))
+    coral_model.save_weights(str(w / "checkpoints" / "best.weights.h5"))
     return w
 
 
-def test_export_py_int8_loads_in_interpreter_and_agrees(workdir, model_and_spec, images):
+def test_export_py_int8_loads_in_interpreter_and_agrees(workdir, coral_model, images):
     out_base = workdir.parent / "export"
     done = subprocess.run([sys.executable, str(REPO / "export.py"), f"--workdir={workdir}",
                            f"--export_dir={out_base}", "--format=tflite",
@@ -101,12 +110,14 @@ def test_export_py_int8_loads_in_interpreter_and_agrees(workdir, model_and_spec,
     assert pre["input"]["shape"] == [None, S, S, 3] and pre["signature"] == "serve_tensor"
     assert "`model.tflite`" in (version / "model_card.md").read_text()
     # No thresholds.json in this workdir: the untuned rule, temperature 1.
-    model = model_and_spec[0]
+    model = coral_model
     spec = exporting.spec_from_dataset(model, DATASET)
+    assert spec.head == "coral"
     want = exporting.tensor_fn(model, spec)(images)["probabilities"]
     got = tflite_export.TFLiteModel(version / "model.tflite")(images)
     assert got["grade"].dtype == np.int32 and got["grade"].shape == (len(images),)
-    np.testing.assert_allclose(got["probabilities"].sum(-1), 1.0, atol=1e-3)
+    # int8 probabilities come in steps of about 1/256, so their sum is only near 1.
+    np.testing.assert_allclose(got["probabilities"].sum(-1), 1.0, atol=0.02)
     # int8 is an approximation; its agreement on a trained model is a benchmark
     # (benchmarks/tflite_agreement.py). Here: close on this untrained one.
     assert np.abs(got["probabilities"] - keras.ops.convert_to_numpy(want)).max() < 0.05

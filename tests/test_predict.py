@@ -133,9 +133,10 @@ def _predict_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_with_exported_model(folder, model_and_spec, exported, tmp_path):
     out = tmp_path / "preds.csv"
+    out.write_text("an earlier run\n")  # replaced: --overwrite
     missing = folder / "missing.jpg"  # one missing argument does not abort the others
-    done = _predict_cli(f"--model={exported}", f"--out={out}", "--batch_size=4", str(folder),
-                        str(missing))
+    done = _predict_cli(f"--model={exported}", f"--out={out}", "--overwrite", "--batch_size=4",
+                        str(folder), str(missing))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "3 predicted, 5 errors" in done.stdout
     with open(out, newline="") as f:
@@ -153,11 +154,7 @@ def test_cli_refuses_existing_out_without_overwrite(folder, exported, tmp_path):
     done = _predict_cli(f"--model={exported}", f"--out={labels}", str(folder / "a.jpg"))
     assert done.returncode != 0
     assert f"--out={labels} exists; pass --overwrite" in done.stderr
-    assert labels.read_text() == "image,dr_grade\na.jpg,2\n"
-    done = _predict_cli(f"--model={exported}", f"--out={labels}", "--overwrite",
-                        str(folder / "a.jpg"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert labels.read_text().startswith("path,p_0,")
+    assert labels.read_text() == "image,dr_grade\na.jpg,2\n"  # untouched
 
 
 def test_multilabel_rows_join_present_labels():
