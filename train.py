@@ -30,6 +30,11 @@ flags.DEFINE_bool("resume_with_changes", False,
                   "(the changes are recorded in the workdir).")
 
 
+def _first_line(error: Exception) -> str:
+    """The message without the "In call to configurable 'train'" line gin appends."""
+    return str(error).splitlines()[0]
+
+
 def main(argv):
     del argv
     from input_pipeline.integrity import CorruptShardError
@@ -45,12 +50,12 @@ def main(argv):
                                    allow_changes=FLAGS.resume_with_changes)
     except (FileNotFoundError, FileExistsError, CorruptShardError, experiment.ConfigError,
             experiment.PlanChangedError) as e:
-        sys.exit(f"error: {str(e).splitlines()[0]}")  # without gin's "In call to ..." line
+        sys.exit(f"error: {_first_line(e)}")
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        sys.exit(f"error: {e}. The last checkpoints are intact: free space, then rerun "
-                 "with --resume.")
+        sys.exit(f"error: {_first_line(e)}. The last checkpoints are intact: free space, "
+                 "then rerun with --resume.")
     logging.info("best %s = %s at epoch %s; %.1f s, %.1f images/s", summary["monitor"],
                  summary["best_metric"], summary["best_epoch"], summary["wall_time_s"],
                  summary["images_per_s"])

@@ -2,14 +2,18 @@
 
     train(workdir, data_dir=..., model="resnetv2_lite", epochs=20, ...)
 
-Steps (one small function each): read dataset.json -> check the workdir -> seed and
-precision -> tf.data -> model -> loss/metrics -> for each stage (frozen backbone,
-then all layers) a fresh optimizer, compile and fit -> artefacts.
+Steps (one small function each): read dataset.json -> check the workdir (resuming:
+refuse a changed plan) -> seed and precision -> tf.data -> model -> loss/metrics ->
+first stage compiled -> first batches read -> only now the workdir is created (a
+bad config or bad data fails before, leaving nothing) -> for each stage (frozen
+backbone, then all layers) a fresh optimizer, compile and fit -> artefacts. A fresh
+run that fails before its first epoch's backup removes what it wrote.
 
 Workdir (docs/ARCHITECTURE.md): config.gin (as parsed), operative_config.gin
 (after the first step), dataset.json, checkpoints/{best,epoch_NNN}.weights.h5 +
 best.json, backup/stage_N/ (BackupAndRestore, removed when training completes),
-history.csv, tensorboard/, model.keras (best weights), training_summary.json.
+history.csv, tensorboard/, model.keras (best weights), training_summary.json,
+resume_log.json (one entry per resume).
 
 gin: only `train` is configured here; `models.build_model` and
 `input_pipeline.augment.AugmentConfig` take their own bindings too. A binding for
