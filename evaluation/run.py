@@ -179,8 +179,7 @@ def tune_on_val(model, data_dir: str, config: dict, info: dict, tta: bool,
     temperature = calibration.fit_temperature(val.logits, val.labels, head,
                                               per_class_temperature)
     rule = thresholds.tune_rule(task, val.labels, _probs(val.logits, temperature, head), names)
-    thr = thresholds.record(task, head, names, temperature, rule, tta,
-                            tuned_on=f"val split of {data_dir}")
+    thr = thresholds.record(task, head, names, temperature, rule, tta, data_dir)
     return Served(thr, f"tuned on the validation split of {data_dir}", val)
 
 
@@ -207,8 +206,8 @@ def served_decision(workdir: pathlib.Path, model, own_data_dir: str, config: dic
                          f"data with tta={bool(tta)} first")
     thr = {**json.loads(path.read_text()), "decision": rule, "temperature": temperature,
            "tta": served_tta}
-    return Served(thr, f"read from {path} ({thr.get('tuned_on', 'tuned on validation')}), "
-                       "the decision export.py serves")
+    tuned = f"tuned on the {thr.get('tuned_on', 'val')} split of {thr.get('data_dir', 'W')}"
+    return Served(thr, f"read from {path} ({tuned}), the decision export.py serves")
 
 
 def check_compatible(info: dict, data_dir: str, image_size: int) -> dict:
