@@ -259,14 +259,15 @@ def evaluate(workdir: str, split: str = "test", data_dir: str | None = None,
     workdir = pathlib.Path(workdir)
     model, info, config = experiment.build_from_config(str(workdir))
     task, head, names = config["task"], config["head"], info["class_names"]
-    own_dir = experiment.resolve_data_dir(str(workdir), config["data_dir"])
+    # Absolute, as recorded in thresholds.json and the report.
+    own_dir = os.path.abspath(experiment.resolve_data_dir(str(workdir), config["data_dir"]))
     external = data_dir is not None and not _same_dir(data_dir, own_dir)
     if external:
         check_compatible(info, data_dir, config["image_size"])
         served = served_decision(workdir, model, own_dir, config, info, tta,
                                  per_class_temperature)
         name = pathlib.Path(os.path.realpath(data_dir)).name
-        eval_dir, data_dir = workdir / "eval" / "external" / name, str(data_dir)
+        eval_dir, data_dir = workdir / "eval" / "external" / name, os.path.abspath(data_dir)
     else:
         served = tune_on_val(model, own_dir, config, info, bool(tta), per_class_temperature)
         eval_dir, data_dir = workdir / "eval", own_dir
