@@ -153,9 +153,7 @@ def write_predictions_csv(path, task, class_names, pred: Predictions, probs, dec
 
 def _probs(logits, temperature, head) -> np.ndarray:
     """Calibrated probabilities float64 [N, K], exactly as the served graph computes them."""
-    rule = {"type": "argmax"}  # any rule: only the probabilities are used
-    return np.asarray(decision.decide(logits, head, rule, temperature)["probabilities"],
-                      np.float64)
+    return np.asarray(decision.calibrated_probabilities(logits, head, temperature), np.float64)
 
 
 def _dump(path, obj) -> None:
