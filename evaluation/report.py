@@ -195,8 +195,10 @@ def scope_html(metrics: dict) -> str:
 def thresholds_html(thresholds: dict) -> str:
     rule = thresholds["decision"]
     parts = [f"<p>Rule: <code>{html.escape(rule['type'])}</code>, temperature "
-             f"{html.escape(str(thresholds.get('temperature')))}, tuned on "
-             f"{html.escape(str(thresholds.get('tuned_on', 'validation')))}; TTA "
+             f"{html.escape(str(thresholds.get('temperature')))}, tuned on the "
+             f"{html.escape(str(thresholds.get('tuned_on', 'val')))} split"
+             f"{' of ' + html.escape(thresholds['data_dir']) if thresholds.get('data_dir') else ''}"
+             f"; TTA "
              f"{'on' if thresholds.get('tta') else 'off'} (the export graph does the same)."
              "</p>"]
     if rule["type"] == "per_class_thresholds":

@@ -154,9 +154,7 @@ def write_predictions_csv(path, task, class_names, pred: Predictions, probs, dec
 
 def _probs(logits, temperature, head) -> np.ndarray:
     """Calibrated probabilities float64 [N, K], exactly as the served graph computes them."""
-    rule = {"type": "argmax"}  # any rule: only the probabilities are used
-    return np.asarray(decision.decide(logits, head, rule, temperature)["probabilities"],
-                      np.float64)
+    return np.asarray(decision.calibrated_probabilities(logits, head, temperature), np.float64)
 
 
 def _dump(path, obj) -> None:
@@ -180,8 +178,7 @@ def tune_on_val(model, data_dir: str, config: dict, info: dict, tta: bool,
     temperature = calibration.fit_temperature(val.logits, val.labels, head,
                                               per_class_temperature)
     rule = thresholds.tune_rule(task, val.labels, _probs(val.logits, temperature, head), names)
-    thr = thresholds.record(task, head, names, temperature, rule, tta,
-                            tuned_on=f"val split of {data_dir}")
+    thr = thresholds.record(task, head, names, temperature, rule, tta, data_dir)
     return Served(thr, f"tuned on the validation split of {data_dir}", val)
 
 
@@ -208,8 +205,8 @@ def served_decision(workdir: pathlib.Path, model, own_data_dir: str, config: dic
                          f"data with tta={bool(tta)} first")
     thr = {**json.loads(path.read_text()), "decision": rule, "temperature": temperature,
            "tta": served_tta}
-    return Served(thr, f"read from {path} ({thr.get('tuned_on', 'tuned on validation')}), "
-                       "the decision export.py serves")
+    tuned = f"tuned on the {thr.get('tuned_on', 'val')} split of {thr.get('data_dir', 'W')}"
+    return Served(thr, f"read from {path} ({tuned}), the decision export.py serves")
 
 
 def check_compatible(info: dict, data_dir: str, image_size: int) -> dict:
@@ -261,14 +258,15 @@ def evaluate(workdir: str, split: str = "test", data_dir: str | None = None,
     workdir = pathlib.Path(workdir)
     model, info, config = experiment.build_from_config(str(workdir))
     task, head, names = config["task"], config["head"], info["class_names"]
-    own_dir = experiment.resolve_data_dir(str(workdir), config["data_dir"])
+    # Absolute, as recorded in thresholds.json and the report.
+    own_dir = os.path.abspath(experiment.resolve_data_dir(str(workdir), config["data_dir"]))
     external = data_dir is not None and not _same_dir(data_dir, own_dir)
     if external:
         check_compatible(info, data_dir, config["image_size"])
         served = served_decision(workdir, model, own_dir, config, info, tta,
                                  per_class_temperature)
         name = pathlib.Path(os.path.realpath(data_dir)).name
-        eval_dir, data_dir = workdir / "eval" / "external" / name, str(data_dir)
+        eval_dir, data_dir = workdir / "eval" / "external" / name, os.path.abspath(data_dir)
     else:
         served = tune_on_val(model, own_dir, config, info, bool(tta), per_class_temperature)
         eval_dir, data_dir = workdir / "eval", own_dir

@@ -4,7 +4,8 @@ The rules, their tuning and `apply_rule` live in `models.decision` (one definiti
 with the training metrics and the export graph) and are re-exported here. What is
 evaluation's own is the file: evaluate.py writes W/eval/thresholds.json
 
-    {"task", "head", "class_names", "temperature", "decision": rule, "tta", "tuned_on"}
+    {"task", "head", "class_names", "temperature", "decision": rule, "tta",
+     "tuned_on": "val", "data_dir"}
 
 and export.py bakes temperature, rule and TTA from it into the graph (`read_decision`).
 """
@@ -30,10 +31,11 @@ THRESHOLDS_JSON = "thresholds.json"
 
 
 def record(task: str, head: str, class_names, temperature, rule: dict, tta: bool,
-           tuned_on: str) -> dict:
-    """The thresholds.json dict (module docstring); tuned_on says which data, in words."""
+           data_dir: str) -> dict:
+    """The thresholds.json dict (module docstring), tuned on the val split of data_dir."""
     return {"task": task, "head": head, "temperature": temperature, "decision": rule,
-            "tuned_on": tuned_on, "tta": bool(tta), "class_names": list(class_names)}
+            "tuned_on": "val", "data_dir": data_dir, "tta": bool(tta),
+            "class_names": list(class_names)}
 
 
 def read_decision(path, task: str, num_classes: int) -> tuple[dict, float | list[float], bool]:

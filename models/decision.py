@@ -138,10 +138,18 @@ def decide(logits, head: str, rule: dict, temperature=1.0) -> dict:
         {"probabilities": float32 [N, K] (or [N, C]), "decision": int32 [N] (or [N, C])};
         numpy when ``logits`` is numpy.
     """
-    x = ops.cast(ops.convert_to_tensor(logits), "float32") / _f32(temperature)
-    probs = heads.probabilities(x, head)
+    probs = calibrated_probabilities(ops.convert_to_tensor(logits), head, temperature)
     out = {"probabilities": probs, "decision": apply_rule(rule, probs)}
     return {k: _like(v, logits) for k, v in out.items()}
+
+
+def calibrated_probabilities(logits, head: str, temperature=1.0):
+    """heads.probabilities(logits / T) in float32, the probabilities every rule sees.
+
+    Numpy in -> numpy out; T scalar or [D].
+    """
+    x = ops.cast(ops.convert_to_tensor(logits), "float32") / _f32(temperature)
+    return _like(heads.probabilities(x, head), logits)
 
 
 def flip_views(images) -> list:

@@ -13,9 +13,12 @@ for multilabel), the decision as int32 (`grade` [B] for dr_grade, `class_id`
 `class_names` tf.string [B, K] (the names broadcast per example, so every
 output shares the batch dimension, which TF Serving's row format needs).
 
-The decision rule is the one `evaluate` tuned (W/eval/thresholds.json, in the
-format of `evaluation.thresholds`; untuned defaults when absent), applied in
-the graph to probabilities after temperature scaling.
+The decision rule is the one `evaluate` tuned (W/eval/thresholds.json, read by
+`evaluation.thresholds.read_decision`; untuned defaults when absent), applied in
+the graph by `models.decision.decide` after temperature scaling: the same function
+evaluate.py and the training metrics call. When thresholds.json says `"tta": true`
+(evaluate.py --tta), the graph averages the logits of the image and its flips
+(`models.decision.served_logits`), as evaluation did; the model card says which.
 
 Backends: the model and the post-processing (`postprocess`) use keras.ops
 only and sit in the `serve_tensor` endpoint; the TF-only image decoding wraps

@@ -52,3 +52,20 @@ def test_onnx_friendly_clone_converts_grouped_conv_and_gelu(tmp_path):
     info = {**DATASET, "task": "multiclass", "num_classes": 2, "class_names": ["a", "b"]}
     out = onnx_export.write_onnx(net, exporting.spec_from_dataset(net, info), tmp_path)
     assert (out / "model.onnx").is_file()  # write_onnx checked it against Keras
+
+
+@pytest.mark.slow
+def test_onnx_reproduces_tta_when_the_rule_was_tuned_with_it(tmp_path):
+    """thresholds.json tta=true: the ONNX graph averages the flips too (served = evaluated)."""
+    import dataclasses
+
+    net = build_model("resnetv2_lite", "dr_grade", 5, S)
+    spec = dataclasses.replace(exporting.spec_from_dataset(net, DATASET), tta=True)
+    out = exporting.write_onnx(net, spec, tmp_path, version=1)
+    assert json.loads((out / exporting.PREPROCESSING_JSON).read_text())["tta"] is True
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(3).uniform(0, 255, (2, S, S, 3)).astype(np.float32)
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {session.get_inputs()[0].name: x}), strict=True))
+    want = np.mean([net(v).numpy() for v in (x, x[:, :, ::-1], x[:, ::-1])], axis=0)
+    assert np.abs(got["logits"] - want).max() / np.abs(want).max() < 1e-4
