@@ -131,3 +131,18 @@ def test_curves():
     assert c["roc"]["pos"]["tpr"][-1] == 1.0
     empty = metrics.compute_curves("multilabel", np.zeros((3, 1)), np.ones((3, 1)) * .2, ["z"])
     assert empty == {"roc": {}, "pr": {}}
+
+
+def test_no_patient_ids_means_image_level_intervals():
+    y = np.array([0, 1, 0, 1, 1, 0, 1, 0])
+    p = np.array([0.1, 0.9, 0.3, 0.6, 0.8, 0.4, 0.7, 0.2])
+    dec = (p >= 0.5).astype(int)
+    for ids in (None, [""] * 8):  # a source without ids (APTOS, IDRiD, RetinaMNIST npz)
+        r = metrics.compute_metrics("binary", y, p, dec, ["neg", "pos"], patient_ids=ids,
+                                    n_boot=20)
+        assert r["ci_unit"] == "image" and r["num_patients"] is None
+        assert r["confidence_intervals"]["auc"]["method"] == "image_percentile"
+    r = metrics.compute_metrics("binary", y, p, dec, ["neg", "pos"], n_boot=20,
+                                patient_ids=["a", "a", "b", "b", "c", "", "d", "d"])
+    assert r["ci_unit"] == "patient" and r["num_patients"] == 5
+    assert r["confidence_intervals"]["auc"]["method"] == "patient_cluster_percentile"
