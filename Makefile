@@ -67,6 +67,7 @@ SUFFIX ?=
 PREPARE_FLAGS ?= --workers=$(shell nproc 2>/dev/null || echo 2)
 EVAL_FLAGS ?=
 REPRO_DEPS ?= $(STAMP)
+ONNX ?= 1  # empty: skip the ONNX exports (they need the "onnx" extra: tf2onnx)
 IDRID_GRID ?= --grid=train.learning_rate=1e-2,1e-3,1e-4,1e-5 --grid=train.batch_size=2,4
 
 define chain  # $(1) system dir, $(2) config name, $(3) prepare flags, $(4) evaluate flags
@@ -104,13 +105,13 @@ reproduce-rfmid: $(REPRO_DEPS)
 
 reproduce-ocunet: $(REPRO_DEPS)
 	$(call chain,ocunet,ocunet_efficientnet_b3_asl,$(OCUNET_PREPARE),--per_class_temperature)
-	$(PY) export.py --workdir=$(OUT)/ocunet/run --export_dir=$(OUT)/ocunet/export \
-	  --version=2 --format=onnx
+	$(if $(ONNX),$(PY) export.py --workdir=$(OUT)/ocunet/run --export_dir=$(OUT)/ocunet/export \
+	  --version=2 --format=onnx)
 
 reproduce-oct: $(REPRO_DEPS)
 	$(call chain,oct,oct_mobilenetv3_large,$(OCT_PREPARE))
-	$(PY) export.py --workdir=$(OUT)/oct/run --export_dir=$(OUT)/oct/export --version=2 \
-	  --format=onnx
+	$(if $(ONNX),$(PY) export.py --workdir=$(OUT)/oct/run --export_dir=$(OUT)/oct/export \
+	  --version=2 --format=onnx)
 
 # Grid search (tune.py) first; the final run trains with the best pair (best.gin).
 reproduce-idrid: $(REPRO_DEPS)

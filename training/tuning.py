@@ -21,6 +21,7 @@ import math
 import os
 
 import gin
+import keras
 from absl import logging
 
 from training import callbacks as cb
@@ -59,6 +60,7 @@ def _bindings(combo: dict[str, str]) -> list[str]:
 def run_trial(gin_files, bindings, combo: dict[str, str], workdir: str) -> dict:
     """Trains one combination (or reads its finished summary); returns its result row."""
     row = {**combo, "workdir": workdir}
+    keras.backend.clear_session()  # the previous trial's graphs and names: memory stays flat
     gin.clear_config()
     gin.parse_config_files_and_bindings(list(gin_files), list(bindings) + _bindings(combo))
     try:
