@@ -18,3 +18,16 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not present")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gin_config():
+    """Each test starts and ends with an empty gin config: bindings parsed by one test
+    (train() in-process, build_from_config) must not change the models another builds."""
+    import gin
+
+    with gin.unlock_config():
+        gin.clear_config()
+    yield
+    with gin.unlock_config():
+        gin.clear_config()

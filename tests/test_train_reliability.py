@@ -273,8 +273,8 @@ def test_export_version_must_be_a_positive_integer(tmp_path):
 
     for bad in (0, -1, True, 1.5):
         with pytest.raises(ValueError, match="positive integer"):
-            exporting._version_dir(tmp_path, bad)
-    assert exporting._version_dir(tmp_path, 3) == tmp_path / "3"
+            exporting.version_dir(tmp_path, bad)
+    assert exporting.version_dir(tmp_path, 3) == tmp_path / "3"
     done = subprocess.run([sys.executable, str(REPO / "export.py"), "--workdir=w",
                            f"--export_dir={tmp_path / 'e'}", "--version=-1"],
                           capture_output=True, text=True, timeout=300)

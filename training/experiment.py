@@ -133,9 +133,10 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
     t_start = time.time()
     info = load_dataset_info(data_dir)
     task = task or info["task"]
-    monitor = _resolve_monitor(monitor, task, info["num_classes"], head,
-                               tune_thresholds_each_epoch)
-    mode = _resolve_mode(monitor, mode)
+    with _as_config_errors():  # a wrong head or monitor fails before the workdir exists
+        monitor = _resolve_monitor(monitor, task, info["num_classes"], head,
+                                   tune_thresholds_each_epoch)
+        mode = _resolve_mode(monitor, mode)
     _check_workdir(workdir, resume)
     changes = _check_resume_plan(workdir, data_dir, allow_changes) if resume else {}
     summary_path = os.path.join(workdir, "training_summary.json")
