@@ -13,12 +13,17 @@ import sys
 
 from absl import app, flags, logging
 
+from training import compilation  # no keras/TF import: cheap before flag parsing
+
 FLAGS = flags.FLAGS
 DEMO_GIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.gin")
 flags.DEFINE_multi_string("gin_file", [], "Gin config files (default: configs/demo.gin).")
 flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings, e.g. 'train.epochs = 3'.")
 flags.DEFINE_string("workdir", "demo_run", "Output directory (see docs/ARCHITECTURE.md).")
 flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its last finished epoch.")
+flags.DEFINE_string("compilation_cache_dir", compilation.DEFAULT_DIR,
+                    "JAX backend: persistent XLA compilation cache ('' turns it off); a "
+                    "second start of the same run skips compiling.")
 
 
 def main(argv):
@@ -27,6 +32,7 @@ def main(argv):
 
     from training import experiment
 
+    compilation.enable_compilation_cache(FLAGS.compilation_cache_dir)
     gin.parse_config_files_and_bindings(FLAGS.gin_file or [DEMO_GIN], FLAGS.gin_bindings)
     try:
         summary = experiment.train(FLAGS.workdir, resume=FLAGS.resume)
