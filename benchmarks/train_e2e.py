@@ -51,6 +51,9 @@ flags.DEFINE_string("work_dir", "/tmp/fundusflow_e2e", "Data, workdirs, caches."
 flags.DEFINE_list("parts", ["input", "step", "train", "repeat", "ablation"], "What to run.")
 flags.DEFINE_list("ablation", ["fixed_nometrics", "fixed", "fixed_uint8", "fixed_sync",
                                "pipeline"], "Ablation variants (see _ABLATIONS).")
+flags.DEFINE_list("input_variants", ["default"],
+                  "Input-alone variants: default (as train builds it), cached "
+                  "(make_dataset cache=True), noaug (no augmentation), float32 (pixels).")
 flags.DEFINE_integer("ablation_steps", 60, "Timed steps per ablation variant.")
 flags.DEFINE_multi_string("train_bindings", [], "Extra gin bindings for the train.py runs.")
 flags.DEFINE_string("json_out", "", "Optional path for all results as JSON.")
@@ -175,12 +178,43 @@ def _steady(epoch_seconds: list[float], steps: int) -> float:
 
 
 def part_input() -> dict:
-    """make_dataset as train builds it, consumed as numpy batches (Keras' JAX adapter)."""
+    """make_dataset as train builds it, consumed as numpy batches (Keras' JAX adapter);
+    variants change one make_dataset argument at a time."""
+    import gin
+
     from training import experiment
 
     info = experiment.load_dataset_info(_data_dir())
-    train_ds, _, _ = experiment._build_datasets(
-        _data_dir(), info, info["task"], FLAGS.image_size, FLAGS.batch_size, 0, False, None)
+    out = {}
+    for variant in FLAGS.input_variants:
+        bindings = {"default": [], "cached": ["make_dataset.cache = True"],
+                    "noaug": [f"AugmentConfig.{k} = {v}" for k, v in augment_off().items()],
+                    "float32": []}[variant]
+        with gin.unlock_config():
+            gin.clear_config()
+            gin.parse_config(bindings)
+        if variant == "float32":  # train's datasets with float32 training pixels
+            from input_pipeline import pipeline
+
+            ds = pipeline.make_dataset(os.path.join(_data_dir(), "train-*.tfrecord"),
+                                       FLAGS.batch_size, True, FLAGS.image_size, info["task"],
+                                       info["num_classes"])
+        else:
+            ds, _, _ = experiment._build_datasets(_data_dir(), info, info["task"],
+                                                  FLAGS.image_size, FLAGS.batch_size, 0,
+                                                  False, None)
+        out[variant] = _time_batches(ds)
+    return out
+
+
+def augment_off() -> dict:
+    """AugmentConfig fields that switch every op off."""
+    return dict(rotation_degrees=0.0, scale_range=(1.0, 1.0), translate=0.0, hflip=False,
+                vflip=False, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,
+                fundus_aware=False)
+
+
+def _time_batches(train_ds) -> dict:
     it = train_ds.as_numpy_iterator()
     for _ in range(20):
         batch = next(it)
@@ -243,6 +277,7 @@ _ABLATIONS = {
     "fixed_nometrics": (False, "fixed", "float32", False),
     "fixed": (True, "fixed", "float32", False),
     "fixed_uint8": (True, "fixed", "uint8", False),
+    "fixed_uint8_nometrics": (False, "fixed", "uint8", False),
     "fixed_sync": (True, "fixed", "float32", True),
     "pipeline": (True, "pipeline", "float32", False),
     "pipeline_sync": (True, "pipeline", "float32", True),
@@ -257,7 +292,7 @@ def part_ablation() -> dict:
 
     from training import experiment
 
-    _cache_on(os.path.join(FLAGS.work_dir, "jax_cache_ablation"))
+    _cache_on(_train_cache())  # after a train part: its compiled step is reused
     info = experiment.load_dataset_info(_data_dir())
     task = info["task"]
     keras.mixed_precision.set_global_policy(FLAGS.precision)
@@ -322,6 +357,7 @@ def _child(part: str, *extra: str) -> dict:
               ("model", "image_size", "batch_size", "precision", "steps_per_epoch", "epochs",
                "prepare_size", "work_dir", "ablation_steps")],
             f"--ablation={','.join(FLAGS.ablation)}",
+            f"--input_variants={','.join(FLAGS.input_variants)}",
             *[f"--train_bindings={b}" for b in FLAGS.train_bindings]]
     t0 = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True)
@@ -360,7 +396,8 @@ def _report(r: dict) -> None:
     print("| what | img/s | x step | GPU busy |")
     print("| --- | --- | --- | --- |")
     rows = [("stateless jitted step (device data)", step, None),
-            ("input pipeline alone (make_dataset)", r.get("input", {}).get("images_per_s"), None),
+            *[(f"input pipeline alone ({k})", v["images_per_s"], None)
+      for k, v in r.get("input", {}).items() if isinstance(v, dict)],
             ("train.py steady state (epochs 2..)", train.get("images_per_s"),
              train.get("gpu_busy"))]
     for name, v in r.get("ablation", {}).items():
