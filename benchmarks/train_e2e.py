@@ -43,7 +43,7 @@ flags.DEFINE_string("model", "convnext_tiny", "fundusflow registry name.")
 flags.DEFINE_integer("image_size", 224, "Model input size.")
 flags.DEFINE_integer("batch_size", 64, "Global batch size.")
 flags.DEFINE_string("precision", "mixed_bfloat16", "train.precision.")
-flags.DEFINE_integer("steps_per_epoch", 100, "train.steps_per_epoch.")
+flags.DEFINE_integer("steps_per_epoch", 300, "train.steps_per_epoch.")
 flags.DEFINE_integer("epochs", 4, "train.epochs (the first one compiles).")
 flags.DEFINE_integer("num_images", 800, "Synthetic images (70 % train).")
 flags.DEFINE_integer("prepare_size", 256, "Side length of the prepared images.")
@@ -54,6 +54,8 @@ flags.DEFINE_list("ablation", ["fixed_nometrics", "fixed", "fixed_uint8", "fixed
 flags.DEFINE_list("input_variants", ["default"],
                   "Input-alone variants: default (as train builds it), cached "
                   "(make_dataset cache=True), noaug (no augmentation), float32 (pixels).")
+flags.DEFINE_integer("skip_steps", 100,
+                     "Sustained img/s: counted from this step of each epoch to its end.")
 flags.DEFINE_integer("ablation_steps", 60, "Timed steps per ablation variant.")
 flags.DEFINE_multi_string("train_bindings", [], "Extra gin bindings for the train.py runs.")
 flags.DEFINE_string("json_out", "", "Optional path for all results as JSON.")
@@ -136,25 +138,49 @@ def _sync(model) -> None:
         jax.block_until_ready([v.value for v in model.trainable_variables[-1:]])
 
 
+def _sync_state(model) -> None:
+    """Mid-epoch (JAX): waits for the step whose state Keras' JAX trainer holds."""
+    import jax
+
+    state = getattr(model, "_jax_state", None)
+    if state:
+        jax.block_until_ready(state["trainable_variables"][-1:])
+
+
 def _epoch_recorder(base):
     """A subclass of `base` (a Callback) that records each epoch's training seconds,
-    synced on the device before validation, and samples GPU busy after epoch 1."""
+    synced on the device before validation, and samples GPU busy after epoch 1.
+
+    Also the sustained rate: from a device sync at step `--skip_steps` (so the
+    batches tf.data pre-filled while the previous validation or compilation ran are
+    used up) to the epoch's end. One sync per epoch: a single step's bubble.
+    """
 
     class Recorder(base):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.epoch_seconds, self.gpu = [], GpuBusy()
-            self._t = None
+            self.epoch_seconds, self.sustained, self.gpu = [], [], GpuBusy()
+            self._t = self._mark = None
 
         def on_epoch_begin(self, epoch, logs=None):
             super().on_epoch_begin(epoch, logs)
             self.gpu.set(len(self.epoch_seconds) >= 1)
-            self._t = time.perf_counter()
+            self._t, self._mark = time.perf_counter(), None
+
+        def on_train_batch_begin(self, batch, logs=None):
+            super().on_train_batch_begin(batch, logs)
+            if batch == FLAGS.skip_steps and self._t is not None:
+                _sync_state(self.model)
+                self._mark = (batch, time.perf_counter())
 
         def _record(self):
             if self._t is not None:
                 _sync(self.model)
-                self.epoch_seconds.append(time.perf_counter() - self._t)
+                now = time.perf_counter()
+                self.epoch_seconds.append(now - self._t)
+                if self._mark:
+                    steps = self.params["steps"] - self._mark[0]
+                    self.sustained.append(steps * FLAGS.batch_size / (now - self._mark[1]))
                 self.gpu.set(False)
                 self._t = None
 
@@ -167,6 +193,10 @@ def _epoch_recorder(base):
             super().on_epoch_end(epoch, logs)
 
     return Recorder
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else None
 
 
 def _steady(epoch_seconds: list[float], steps: int) -> float:
@@ -251,6 +281,7 @@ def part_train() -> dict:
         summary = json.load(f)
     rec = made[0]
     return {"images_per_s": _steady(rec.epoch_seconds, FLAGS.steps_per_epoch),
+            "sustained_images_per_s": _mean(rec.sustained[1:]),
             "epoch_seconds": [round(s, 3) for s in rec.epoch_seconds],
             "gpu_busy": rec.gpu.fraction,
             "first_step_s": first_step[0] - _START if first_step else None,
@@ -332,6 +363,7 @@ def part_ablation() -> dict:
         t0 = time.perf_counter()
         net.fit(ds, epochs=2, steps_per_epoch=steps, callbacks=cbs, verbose=0)
         out[name] = {"images_per_s": steps * FLAGS.batch_size / rec.epoch_seconds[1],
+                     "sustained_images_per_s": _mean(rec.sustained[1:]),
                      "ms_per_step": 1000 * rec.epoch_seconds[1] / steps,
                      "first_epoch_s": rec.epoch_seconds[0], "gpu_busy": rec.gpu.fraction,
                      "wall_s": time.perf_counter() - t0}
@@ -355,7 +387,7 @@ def _child(part: str, *extra: str) -> dict:
     args = [sys.executable, "-m", "benchmarks.train_e2e", f"--part={part}", *extra,
             *[f"--{k}={getattr(FLAGS, k)}" for k in
               ("model", "image_size", "batch_size", "precision", "steps_per_epoch", "epochs",
-               "prepare_size", "work_dir", "ablation_steps")],
+               "prepare_size", "work_dir", "ablation_steps", "skip_steps")],
             f"--ablation={','.join(FLAGS.ablation)}",
             f"--input_variants={','.join(FLAGS.input_variants)}",
             *[f"--train_bindings={b}" for b in FLAGS.train_bindings]]
@@ -398,8 +430,13 @@ def _report(r: dict) -> None:
     rows = [("stateless jitted step (device data)", step, None),
             *[(f"input pipeline alone ({k})", v["images_per_s"], None)
       for k, v in r.get("input", {}).items() if isinstance(v, dict)],
-            ("train.py steady state (epochs 2..)", train.get("images_per_s"),
-             train.get("gpu_busy"))]
+            ("train.py steady state (epochs 2.., whole epochs)", train.get("images_per_s"),
+             train.get("gpu_busy")),
+            (f"train.py sustained (steps {FLAGS.skip_steps}.. of epochs 2..)",
+             train.get("sustained_images_per_s"), None)]
+    repeat = r.get("repeat", {})
+    rows.append(("train.py second start, sustained", repeat.get("sustained_images_per_s"),
+                 repeat.get("gpu_busy")))
     for name, v in r.get("ablation", {}).items():
         if isinstance(v, dict):
             rows.append((f"fit ablation: {name}", v["images_per_s"], v.get("gpu_busy")))
