@@ -35,7 +35,7 @@ Measured on one H200 + 16 host cores, ConvNeXt-Tiny 224, batch 64, bf16 (ms/step
 | fit, fixed batch + a per-step log read | 39.0 | (no such callback left) |
 | make_dataset alone (img/s) | 2,513 (float32) | 2,995 (uint8) |
 | train.py, 100-step epochs (img/s) | 35.4 (1,806) | 19.2 (3,328) |
-| first finished step, cold / second start | 84 s / 84 s | 85 s / 25-27 s |
+| first finished step, cold / second start | 84 s / not cached | 85 s / 25-27 s |
 
 With 300-step epochs a later machine ran train.py at 2,274 img/s sustained and
 `fit` on a fixed device batch at 2,291 in the same run (train.py adds nothing
