@@ -19,6 +19,8 @@ import sys
 
 from absl import app, flags, logging
 
+from training import compilation  # no keras/TF import: cheap before flag parsing
+
 FLAGS = flags.FLAGS
 DEMO_GIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.gin")
 flags.DEFINE_multi_string("gin_file", [], "Gin config files (default: configs/demo.gin).")
@@ -33,6 +35,9 @@ flags.DEFINE_bool("resume_with_changes", False,
 def _first_line(error: Exception) -> str:
     """The message without the "In call to configurable 'train'" line gin appends."""
     return str(error).splitlines()[0]
+flags.DEFINE_string("compilation_cache_dir", compilation.DEFAULT_DIR,
+                    "JAX backend: persistent XLA compilation cache ('' turns it off); a "
+                    "second start of the same run skips compiling.")
 
 
 def main(argv):
@@ -40,6 +45,7 @@ def main(argv):
     from input_pipeline.integrity import CorruptShardError
     from training import config, experiment
 
+    compilation.enable_compilation_cache(FLAGS.compilation_cache_dir)
     try:
         config.parse(FLAGS.gin_file or [DEMO_GIN], FLAGS.gin_bindings)
     except ValueError as e:  # unknown configurable or parameter, syntax, unsafe import
