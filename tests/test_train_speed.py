@@ -47,7 +47,7 @@ def test_batch_level_callbacks_still_block():
     # The rule above is Keras' and it does flag per-step writers.
     assert _blocks_each_step(keras.callbacks.TerminateOnNaN())
     assert _blocks_each_step(cb.EpochTensorBoard("/tmp/unused_tb", update_freq="batch"))
-    assert _blocks_each_step(cb.SafeBackupAndRestore("/tmp/unused_backup", save_freq=10))
+    assert _blocks_each_step(keras.callbacks.BackupAndRestore("/tmp/unused_backup", save_freq=10))
 
 
 class _Model:
