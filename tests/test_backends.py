@@ -70,7 +70,9 @@ def test_train_on_jax_then_evaluate_and_export_on_tensorflow(tmp_path):
     assert os.listdir(cache)
     history = _history(workdir)
     assert len(history) == 3 and all(np.isfinite(float(h["loss"])) for h in history)
-    assert float(history[-1]["accuracy"]) > 0.4  # chance is 0.2 (5 balanced grades)
+    # QWK, the monitored metric, is 0 by chance; (exact-grade accuracy after 3 epochs
+    # depends on the decision rule more than on learning: models.decision docstring).
+    assert float(history[-1]["qwk"]) > 0.4
     env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
     for args in (["evaluate.py", f"--workdir={workdir}", "--split=val"],
                  ["export.py", f"--workdir={workdir}", f"--export_dir={tmp_path / 'e'}"]):
