@@ -40,6 +40,14 @@ flags.DEFINE_string("compilation_cache_dir", compilation.DEFAULT_DIR,
                     "second start of the same run skips compiling.")
 
 
+def _errno(error: OSError) -> int | None:
+    """errno, also through gin's proxy of an error raised inside `train` (errno None, the
+    original in __context__)."""
+    if error.errno is None and isinstance(error.__context__, OSError):
+        return error.__context__.errno
+    return error.errno
+
+
 def main(argv):
     del argv
     from input_pipeline.integrity import CorruptShardError
@@ -58,7 +66,7 @@ def main(argv):
             experiment.PlanChangedError) as e:
         sys.exit(f"error: {_first_line(e)}")
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if _errno(e) not in (errno.ENOSPC, errno.EDQUOT):
             raise
         sys.exit(f"error: {_first_line(e)}. The last checkpoints are intact: free space, "
                  "then rerun with --resume.")
