@@ -5,7 +5,8 @@
         [--gin_bindings="AugmentConfig.randaugment_layers = 2"]
 
 It runs the real training pipeline (`pipeline.make_dataset(training=True)`, with
-the gin-bound `AugmentConfig` and `make_dataset` arguments), so what you see is
+the dataset's modality defaults, the gin-bound `AugmentConfig` and `make_dataset`
+arguments), so what you see is
 what the model gets. `make_grid` is also what the trainer logs to TensorBoard.
 """
 
@@ -18,7 +19,7 @@ import gin
 import numpy as np
 from absl import app, flags, logging
 
-from input_pipeline import augment, pipeline
+from input_pipeline import augment, modality, pipeline
 
 _LABEL_SCALE = 0.4
 
@@ -76,7 +77,8 @@ def write_grid(data_dir: str, split: str, image_size: int, num: int, out: str,
     ds = pipeline.make_dataset(os.path.join(data_dir, f"{split}-*.tfrecord"), num,
                                training=True, image_size=image_size, task=info["task"],
                                num_classes=info.get("num_classes"),
-                               augment_config=augment.AugmentConfig(), seed=seed)
+                               augment_config=augment.config_for_modality(
+                                   modality.modality_of(info)), seed=seed)
     images, labels = next(iter(ds))
     grid = make_grid(images.numpy(), labels.numpy(), info.get("class_names"))
     if not cv2.imwrite(out, cv2.cvtColor(grid, cv2.COLOR_RGB2BGR)):

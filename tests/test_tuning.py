@@ -52,7 +52,7 @@ def test_sweep_writes_table_and_best_gin(tmp_path):
     assert (tmp_path / "tune" / "results.md").read_text().startswith("| trial |")
     # best.gin applies after the base config.
     gin.clear_config()
-    gin.parse_config_files([os.path.join(REPO, "configs", "debug.gin"),
-                            str(tmp_path / "tune" / "best.gin")])
+    gin.parse_config_files_and_bindings([os.path.join(REPO, "configs", "debug.gin"),
+                                         str(tmp_path / "tune" / "best.gin")], [])
     assert gin.query_parameter("train.learning_rate") == float(rows[0]["train.learning_rate"])
     gin.clear_config()
