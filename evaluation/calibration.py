@@ -116,23 +116,27 @@ def reliability(probs: np.ndarray, y: np.ndarray, multilabel: bool,
     return {"ece": float(ece), "bins": bins}
 
 
-def calibrate(val_logits: np.ndarray, val_y: np.ndarray, head: str,
+def calibrate(val_logits: np.ndarray | None, val_y: np.ndarray | None, head: str,
               test_logits: np.ndarray | None = None, test_y: np.ndarray | None = None,
-              per_class: bool = False) -> dict:
-    """Fits T on validation; reports NLL and ECE before/after on validation (and test).
+              per_class: bool = False, temperature: float | list[float] | None = None) -> dict:
+    """Fits T on validation (or takes the given `temperature`, e.g. the served one);
+    reports NLL and ECE before/after on validation (when given) and test.
 
     Returns:
-        {"head", "temperature" (float or [C]), "per_class", "nll": {split: {before, after}},
-         "ece": {split: {before, after}}, "reliability": {split: {before, after}}} where each
-        reliability entry is `reliability(...)["bins"]`.
+        {"head", "temperature" (float or [C]), "per_class", "fitted" (bool), "nll": {split:
+        {before, after}}, "ece": {split: {before, after}}, "reliability": {split: {before,
+        after}}} where each reliability entry is `reliability(...)["bins"]`.
     """
-    t = fit_temperature(val_logits, val_y, head, per_class)
-    multilabel = _is_multilabel(np.asarray(val_logits), head)
-    out = {"head": head, "temperature": t, "per_class": per_class,
-           "nll": {}, "ece": {}, "reliability": {}}
-    splits = {"val": (val_logits, val_y)}
+    fitted = temperature is None
+    t = fit_temperature(val_logits, val_y, head, per_class) if fitted else temperature
+    splits = {}
+    if val_logits is not None:
+        splits["val"] = (val_logits, val_y)
     if test_logits is not None:
         splits["test"] = (test_logits, test_y)
+    multilabel = _is_multilabel(np.asarray(next(iter(splits.values()))[0]), head)
+    out = {"head": head, "temperature": t, "per_class": per_class, "fitted": fitted,
+           "nll": {}, "ece": {}, "reliability": {}}
     for split, (logits, y) in splits.items():
         out["nll"][split], out["ece"][split], out["reliability"][split] = {}, {}, {}
         for when, scaled in (("before", np.asarray(logits, np.float64)),

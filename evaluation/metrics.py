@@ -27,6 +27,9 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from evaluation import bootstrap
 
+# Defined beside the decision rules, whose tuner optimises QWK; evaluation uses the same ones.
+from models.decision import Undefined, binary_probs, confusion_matrix, qwk  # noqa: F401
+
 REFERABLE_GRADE = 2  # ICDR: moderate NPDR or worse is referable.
 
 HEADLINE = {
@@ -36,10 +39,6 @@ HEADLINE = {
     "multiclass": ("accuracy", "macro_f1", "macro_auc"),
     "multilabel": ("macro_f1", "micro_f1", "map", "macro_auc"),
 }
-
-
-class Undefined(ValueError):
-    """Raised by a metric that is undefined on its input; the message is the reason."""
 
 
 # --------------------------------------------------------------------------- primitives
@@ -73,27 +72,6 @@ def average_precision(y: np.ndarray, score: np.ndarray) -> float:
     precision = tp / (last + 1.0)
     recall = tp / n_pos
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def confusion_matrix(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
-    """int64 [K, K]; rows = true class, columns = predicted class."""
-    y, pred = np.asarray(y, np.int64), np.asarray(pred, np.int64)
-    return np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
-
-
-def qwk(cm: np.ndarray) -> float:
-    """Quadratic weighted kappa from a [K, K] confusion matrix."""
-    k = cm.shape[0]
-    n = cm.sum()
-    if n == 0:
-        raise Undefined("no examples")
-    i = np.arange(k)
-    w = (i[:, None] - i[None, :]) ** 2 / max(k - 1, 1) ** 2
-    expected = np.outer(cm.sum(1), cm.sum(0)) / n
-    den = (w * expected).sum()
-    if den == 0:
-        raise Undefined("chance agreement is perfect (a single grade in labels and predictions)")
-    return float(1.0 - (w * cm).sum() / den)
 
 
 def _per_class_counts(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -137,14 +115,6 @@ def _mean_defined(fns: Sequence[Callable[[], float]], what: str) -> float:
 # --------------------------------------------------------------------------- per task
 # Each `_stats_<task>` returns name -> function of an index array, so the same code
 # gives the split value (all indices) and the bootstrap replicates.
-
-def binary_probs(probs: np.ndarray) -> np.ndarray:
-    """P(class 1) float64 [N] from [N], [N, 1] or [N, 2] probabilities."""
-    probs = np.asarray(probs, np.float64)
-    if probs.ndim == 2:
-        probs = probs[:, -1]  # [N, 1] -> P(1); [N, 2] -> column of class 1
-    return probs
-
 
 def macro_auc(y: np.ndarray, probs: np.ndarray) -> float:
     """One-vs-rest ROC AUC averaged over the classes where it is defined.
@@ -303,7 +273,8 @@ def compute_metrics(task: str, y_true, probs, decisions, class_names: Sequence[s
         y_true, probs, decisions: see the module docstring; `decisions` are the final
             (thresholded) predictions, so tuned thresholds are what gets measured.
         class_names: K (or C) names; for binary, the names of classes 0 and 1.
-        patient_ids: [N] ids for the patient-level bootstrap; None = image level.
+        patient_ids: [N] ids for the patient-level bootstrap; None, or every id "" (the
+            source has none: APTOS, IDRiD, RetinaMNIST...) = image level.
         n_boot: bootstrap replicates for the headline CIs (0 = no CIs).
         seed: bootstrap seed.
         referable_grade: dr_grade only; "referable" = grade >= this. Referable AUC uses
@@ -313,7 +284,8 @@ def compute_metrics(task: str, y_true, probs, decisions, class_names: Sequence[s
             AUC) and `any_dr_auc` (grade >= 1 scored by 1 - P(grade 0)).
 
     Returns:
-        JSON-ready dict: task, class_names, num_examples, num_patients, headline (names),
+        JSON-ready dict: task, class_names, num_examples, num_patients (None without ids),
+        ci_unit ("patient" | "image": what the bootstrap resamples), headline (names),
         metrics (name -> float | None), confidence_intervals (headline name -> CI dict),
         per_class (name -> metric -> value), confusion_matrix (single-label, [K, K] lists,
         rows = truth) or label_confusion (multilabel: name -> tp/fp/fn/tn),
@@ -321,6 +293,8 @@ def compute_metrics(task: str, y_true, probs, decisions, class_names: Sequence[s
     """
     y, p, d = _prepare(task, y_true, probs, decisions)
     n, k = len(y), len(class_names)
+    if patient_ids is not None and not np.any(np.asarray(patient_ids).astype(str) != ""):
+        patient_ids = None  # no ids at all: each image is its own cluster, say so
     undefined: dict[str, str] = {}
     if task == "dr_grade":
         stats = _stats_dr_grade(y, p, d, k, referable_grade)
@@ -337,7 +311,9 @@ def compute_metrics(task: str, y_true, probs, decisions, class_names: Sequence[s
         "task": task,
         "class_names": list(class_names),
         "num_examples": int(n),
-        "num_patients": int(len(bootstrap.patient_groups(n, patient_ids)[1])),
+        "num_patients": (None if patient_ids is None
+                         else int(len(bootstrap.patient_groups(n, patient_ids)[1]))),
+        "ci_unit": "image" if patient_ids is None else "patient",
         "headline": list(HEADLINE[task]),
         "metrics": _evaluate({name: (lambda s=s: s(all_idx)) for name, s in stats.items()},
                              undefined),

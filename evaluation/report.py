@@ -158,14 +158,49 @@ def headline_html(metrics: dict) -> str:
                      metrics["undefined"].get(name, "")])
     others = [[k, v, "", metrics["undefined"].get(k, "")] for k, v in metrics["metrics"].items()
               if k not in metrics["headline"]]
-    n = f"<p>{metrics['num_examples']} images, {metrics['num_patients']} patients.</p>"
-    return n + _table(["metric", "value", "95% CI (patient bootstrap)", "note"], rows + others)
+    unit = metrics.get("ci_unit", "patient")
+    patients = ("no patient ids in the source: each image is its own bootstrap cluster"
+                if metrics.get("num_patients") is None
+                else f"{metrics['num_patients']} patients")
+    n = f"<p>{metrics['num_examples']} images, {patients}.</p>"
+    return (scope_html(metrics) + n
+            + _table(["metric", "value", f"95% CI ({unit}-level bootstrap)", "note"],
+                     rows + others))
+
+
+def scope_text(metrics: dict) -> list[str]:
+    """Sentences saying what was evaluated and where the decision rule came from."""
+    split = metrics.get("split", "test")
+    lines = [f"Evaluated split: {split}"
+             + (f" of {metrics['data_dir']}" if metrics.get("data_dir") else "")
+             + (" (external validation: another prepared data set)" if metrics.get("external")
+                else "") + "."]
+    if metrics.get("decision_origin"):
+        lines.append(f"Temperature, decision rule and TTA setting: {metrics['decision_origin']};"
+                     " none of them was tuned on the evaluated data."
+                     if metrics.get("external")
+                     else f"Temperature and decision rule: {metrics['decision_origin']}.")
+    if metrics.get("tuned_on_evaluated_data"):
+        lines.append("Optimistic: the temperature and the decision rule were tuned on this "
+                     "same split, then scored on it.")
+    lines.append("Test-time augmentation (mean logits of the image and its flips): "
+                 + ("on" if metrics.get("tta") else "off") + ".")
+    return lines
+
+
+def scope_html(metrics: dict) -> str:
+    return "".join(f"<p>{html.escape(line)}</p>" for line in scope_text(metrics))
 
 
 def thresholds_html(thresholds: dict) -> str:
     rule = thresholds["decision"]
     parts = [f"<p>Rule: <code>{html.escape(rule['type'])}</code>, temperature "
-             f"{html.escape(str(thresholds.get('temperature')))}, tuned on validation.</p>"]
+             f"{html.escape(str(thresholds.get('temperature')))}, tuned on the "
+             f"{html.escape(str(thresholds.get('tuned_on', 'val')))} split"
+             f"{' of ' + html.escape(thresholds['data_dir']) if thresholds.get('data_dir') else ''}"
+             f"; TTA "
+             f"{'on' if thresholds.get('tta') else 'off'} (the export graph does the same)."
+             "</p>"]
     if rule["type"] == "per_class_thresholds":
         parts.append(_table(["class", "threshold", "val F1", "val precision", "val recall",
                              "fallback reason"],

@@ -1,15 +1,24 @@
 """What `python evaluate.py --workdir=W` does: predict, calibrate, tune, measure, report.
 
 1. Rebuild the trained model (training.experiment.build_from_config) and predict the
-   validation split and the evaluated split (optionally with flip TTA).
-2. Fit the temperature on validation logits; probabilities = heads.probabilities(logits / T).
+   validation split and the evaluated split (optionally with flip TTA:
+   `models.decision.served_logits`, the function the export graph runs).
+2. Fit the temperature on validation logits.
 3. Tune the decision rule on the calibrated validation probabilities; apply it unchanged
-   to the evaluated split.
-4. Metrics with patient-level bootstrap CIs, curves, calibration, Grad-CAM gallery.
+   to the evaluated split with `models.decision.decide`, the export graph's own
+   post-processing, so evaluate and the served model decide alike.
+4. Metrics with bootstrap CIs (patient-level when the source has patient ids, else
+   image-level), curves, calibration, Grad-CAM gallery.
 
 Writes to W/eval/: metrics.json, thresholds.json (read by export.py), calibration.json,
 predictions_<split>.csv, report.html + figure PNGs, gradcam/*.png; figures also go to
 TensorBoard under W/tensorboard/eval.
+
+External validation (`data_dir` another prepared source): steps 2-3 are not run on it;
+the served decision (W/eval/thresholds.json, tuned on W's val split) is applied, and the
+same files go to W/eval/external/<name of data_dir>/ (W/eval/ itself is left alone, except
+thresholds.json when it did not exist yet). The training data dir stored in W's config is
+found relative to the workdir's ancestors when it was relative (`resolve_data_dir`).
 """
 
 import csv
@@ -19,10 +28,11 @@ import json
 import os
 import pathlib
 
+import keras
 import numpy as np
 
 from evaluation import calibration, gradcam, metrics, report, thresholds
-from models import heads
+from models import decision
 
 
 @dataclasses.dataclass
@@ -33,11 +43,6 @@ class Predictions:
     labels: np.ndarray  # int64 [N] or 0/1 [N, C] (multilabel)
     patient_ids: np.ndarray  # str [N], "" when unknown
     sources: np.ndarray  # str [N]
-
-
-def _flips(images):
-    """TTA views of a float [B, S, S, 3] batch: identity, horizontal flip, vertical flip."""
-    return [images, images[:, :, ::-1], images[:, ::-1]]
 
 
 def _dataset(data_dir: str, split: str, config: dict, info: dict):
@@ -53,17 +58,12 @@ def _dataset(data_dir: str, split: str, config: dict, info: dict):
 
 def predict_split(model, data_dir: str, split: str, config: dict, info: dict,
                   tta: bool = False) -> Predictions:
-    """Logits for every example of `split`; with `tta`, the mean logits of the flips.
-
-    Averaging logits (not probabilities) keeps one rule for every head: calibration and
-    decisions then work on the averaged logits exactly as without TTA.
-    """
+    """Logits for every example of `split`; with `tta`, the mean logits of the flips
+    (`models.decision.served_logits`, the function the export graph runs)."""
     logits, labels, pids, sources = [], [], [], []
     for batch in _dataset(data_dir, split, config, info):
-        images = batch["image"].numpy()
-        views = _flips(images) if tta else [images]
-        outs = [np.asarray(model(v, training=False), np.float32) for v in views]
-        logits.append(np.mean(outs, axis=0))
+        out = decision.served_logits(model, batch["image"].numpy(), tta)
+        logits.append(np.asarray(keras.ops.convert_to_numpy(out), np.float32))
         labels.append(batch["label"].numpy())
         pids.append(batch["patient_id"].numpy().astype(str))
         sources.append(batch["source"].numpy().astype(str))
@@ -152,43 +152,144 @@ def write_predictions_csv(path, task, class_names, pred: Predictions, probs, dec
 
 
 def _probs(logits, temperature, head) -> np.ndarray:
-    return np.asarray(heads.probabilities(calibration.apply_temperature(logits, temperature)
-                                          .astype(np.float32), head), np.float64)
+    """Calibrated probabilities float64 [N, K], exactly as the served graph computes them."""
+    rule = {"type": "argmax"}  # any rule: only the probabilities are used
+    return np.asarray(decision.decide(logits, head, rule, temperature)["probabilities"],
+                      np.float64)
 
 
 def _dump(path, obj) -> None:
     pathlib.Path(path).write_text(json.dumps(obj, indent=2) + "\n")
 
 
+@dataclasses.dataclass
+class Served:
+    """The decision export.py serves (W/eval/thresholds.json) and where it came from."""
+
+    thresholds: dict  # the thresholds.json dict (evaluation.thresholds.record)
+    origin: str  # one sentence for metrics.json, the report and the model card
+    val: Predictions | None = None  # the validation predictions it was tuned on, if computed
+
+
+def tune_on_val(model, data_dir: str, config: dict, info: dict, tta: bool,
+                per_class_temperature: bool) -> Served:
+    """Temperature fitted and rule tuned on the validation split of `data_dir`."""
+    task, head, names = config["task"], config["head"], info["class_names"]
+    val = predict_split(model, data_dir, "val", config, info, tta)
+    temperature = calibration.fit_temperature(val.logits, val.labels, head,
+                                              per_class_temperature)
+    rule = thresholds.tune_rule(task, val.labels, _probs(val.logits, temperature, head), names)
+    thr = thresholds.record(task, head, names, temperature, rule, tta, data_dir)
+    return Served(thr, f"tuned on the validation split of {data_dir}", val)
+
+
+def served_decision(workdir: pathlib.Path, model, own_data_dir: str, config: dict, info: dict,
+                    tta: bool | None, per_class_temperature: bool) -> Served:
+    """What export.py serves for W: its thresholds.json; tuned now (and written) when absent.
+
+    `tta` None takes the served setting; a different explicit value is an error, since the
+    served rule was tuned for the other logits.
+    """
+    path = workdir / "eval" / thresholds.THRESHOLDS_JSON
+    if not path.is_file():
+        served = tune_on_val(model, own_data_dir, config, info, bool(tta),
+                             per_class_temperature)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _dump(path, served.thresholds)
+        served.origin += f"; written to {path}, which export.py serves"
+        return served
+    rule, temperature, served_tta = thresholds.read_decision(path, config["task"],
+                                                             info["num_classes"])
+    if tta is not None and bool(tta) != served_tta:
+        raise ValueError(f"{path} was tuned with tta={served_tta} and the exported model "
+                         f"serves that; drop --tta/--notta, or re-run evaluate.py on W's own "
+                         f"data with tta={bool(tta)} first")
+    thr = {**json.loads(path.read_text()), "decision": rule, "temperature": temperature,
+           "tta": served_tta}
+    tuned = f"tuned on the {thr.get('tuned_on', 'val')} split of {thr.get('data_dir', 'W')}"
+    return Served(thr, f"read from {path} ({tuned}), the decision export.py serves")
+
+
+def check_compatible(info: dict, data_dir: str, image_size: int) -> dict:
+    """dataset.json of an external `data_dir`, if the model can be evaluated on it as served.
+
+    Task and class names must equal the model's (W/dataset.json), and the pre-processing
+    recorded by prepare must be what the served graph applies (crop, CLAHE, Ben Graham,
+    prepared size); otherwise ValueError naming the differences.
+    """
+    from input_pipeline import serving
+
+    path = pathlib.Path(data_dir) / "dataset.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; --data_dir must be a prepare.py output")
+    other = json.loads(path.read_text())
+    if other.get("task") != info["task"]:
+        raise ValueError(f"{path}: task {other.get('task')!r}, the model's is {info['task']!r}")
+    names, theirs = list(info["class_names"]), list(other.get("class_names") or [])
+    if theirs != names:
+        raise ValueError(f"{path}: {len(theirs)} classes {theirs}, the model has {len(names)} "
+                         f"{names}; prepare the external set with the model's classes")
+    mine = serving.ServingConfig.from_dataset_info(info, image_size).to_json()
+    yours = serving.ServingConfig.from_dataset_info(other, image_size).to_json()
+    diff = {k: (mine[k], yours.get(k)) for k in mine if mine[k] != yours.get(k)}
+    if diff:
+        shown = ", ".join(f"{k}: model {a!r} vs {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"{path}: prepared differently from the model's training data "
+                         f"({shown}); the served model applies the training settings, so "
+                         "prepare the external set with them")
+    return other
+
+
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def evaluate(workdir: str, split: str = "test", data_dir: str | None = None,
-             tta: bool = False, n_boot: int = 1000, per_class_temperature: bool = False,
+             tta: bool | None = None, n_boot: int = 1000, per_class_temperature: bool = False,
              gradcam_per_kind: int = 4, seed: int = 0) -> pathlib.Path:
-    """Runs the whole evaluation of a training workdir; returns the report path."""
+    """Runs the whole evaluation of a training workdir; returns the report path.
+
+    On W's own data (no `data_dir`, or the training one): tunes temperature and rule on its
+    val split, writes W/eval/ (thresholds.json included). On another prepared data dir
+    (external validation): the decision is the served one (`served_decision`), nothing is
+    tuned on the external set, and everything goes to W/eval/external/<name of data_dir>/.
+    """
     from training import experiment
 
-    model, info, config = experiment.build_from_config(workdir)
+    workdir = pathlib.Path(workdir)
+    model, info, config = experiment.build_from_config(str(workdir))
     task, head, names = config["task"], config["head"], info["class_names"]
-    data_dir = data_dir or config["data_dir"]
-    eval_dir = pathlib.Path(workdir) / "eval"
+    own_dir = experiment.resolve_data_dir(str(workdir), config["data_dir"])
+    external = data_dir is not None and not _same_dir(data_dir, own_dir)
+    if external:
+        check_compatible(info, data_dir, config["image_size"])
+        served = served_decision(workdir, model, own_dir, config, info, tta,
+                                 per_class_temperature)
+        name = pathlib.Path(os.path.realpath(data_dir)).name
+        eval_dir, data_dir = workdir / "eval" / "external" / name, str(data_dir)
+    else:
+        served = tune_on_val(model, own_dir, config, info, bool(tta), per_class_temperature)
+        eval_dir, data_dir = workdir / "eval", own_dir
     eval_dir.mkdir(parents=True, exist_ok=True)
+    thr = served.thresholds
+    tta, temperature, rule = thr["tta"], thr["temperature"], thr["decision"]
 
-    val = predict_split(model, data_dir, "val", config, info, tta)
-    test = val if split == "val" else predict_split(model, data_dir, split, config, info, tta)
-    cal = calibration.calibrate(val.logits, val.labels, head, test.logits, test.labels,
-                                per_class=per_class_temperature)
-    val_probs = _probs(val.logits, cal["temperature"], head)
-    probs = _probs(test.logits, cal["temperature"], head)
-    rule = thresholds.tune_rule(task, val.labels, val_probs, names)
-    decisions = thresholds.apply_rule(rule, probs)
+    val = served.val
+    test = val if split == "val" and not external else predict_split(
+        model, data_dir, split, config, info, tta)
+    cal = calibration.calibrate(val.logits if val else None, val.labels if val else None, head,
+                                test.logits, test.labels, per_class_temperature, temperature)
+    out = decision.decide(test.logits, head, rule, temperature)
+    probs, decisions = np.asarray(out["probabilities"], np.float64), out["decision"]
 
     result = metrics.compute_metrics(task, test.labels, probs, decisions, names,
                                      test.patient_ids, n_boot=n_boot, seed=seed)
-    result.update(split=split, tta=tta, workdir=str(workdir),
+    result.update(split=split, data_dir=data_dir, external=external, tta=tta,
+                  workdir=str(workdir), decision_origin=served.origin,
+                  tuned_on_evaluated_data=split == "val" and not external,
                   calibration={k: cal[k] for k in ("temperature", "nll", "ece")})
-    thr = {"task": task, "head": head, "temperature": cal["temperature"], "decision": rule,
-           "tuned_on": "val", "tta": tta, "class_names": names}
     _dump(eval_dir / "metrics.json", result)
-    _dump(eval_dir / "thresholds.json", thr)
+    _dump(eval_dir / thresholds.THRESHOLDS_JSON, thr)
     _dump(eval_dir / "calibration.json", cal)
     write_predictions_csv(eval_dir / f"predictions_{split}.csv", task, names, test, probs,
                           decisions)
@@ -196,6 +297,7 @@ def evaluate(workdir: str, split: str = "test", data_dir: str | None = None,
                             decisions, eval_dir, gradcam_per_kind)
     curves = metrics.compute_curves(task, test.labels, probs, names)
     path = report.write_report(eval_dir, result, thr, cal, curves, items)
-    report.log_to_tensorboard(pathlib.Path(workdir) / "tensorboard" / "eval",
+    report.log_to_tensorboard(workdir / "tensorboard" / ("eval_external" if external
+                                                         else "eval"),
                               report.report_pngs(eval_dir))
     return path

@@ -1,7 +1,8 @@
 """Output heads (the "logits" layer) and decoding of their logits.
 
 Every head outputs raw logits, float32 ``[B, D]``; activations live here, in
-``probabilities`` / ``decode``, and in the losses (which all take logits).
+``probabilities``, and in the losses (which all take logits). Decisions (grade, class,
+labels) are ``models.decision``'s, on these probabilities.
 
 | task         | head              | D    | meaning of logit column k                          |
 |--------------|-------------------|------|----------------------------------------------------|
@@ -109,7 +110,7 @@ def build_head(task: str, num_classes: int, head: str | None = None, name: str =
     return keras.layers.Dense(dim, dtype="float32", name=name)
 
 
-# ----------------------------------------------------------------------------- decoding
+# ----------------------------------------------------------------------------- probabilities
 
 
 def _cumulative_probs(logits, head: str):
@@ -148,37 +149,6 @@ def probabilities(logits, head: str):
         lower = ops.concatenate([cum, ones * 0.0], axis=-1)  # P(y > k), with P(y > K-1) = 0
         diff = ops.maximum(upper - lower, 0.0)
         out = diff / ops.maximum(ops.sum(diff, axis=-1, keepdims=True), 1e-12)
-    else:
-        raise ValueError(f"Unknown head {head!r}")
-    return _to_numpy_if(out, logits)
-
-
-def decode(logits, head: str, thresholds=None):
-    """Logits ``[B, D]`` -> hard predictions, int32.
-
-    - ``coral`` / ``corn``: grade ``[B]`` in 0..K-1 = number of cumulative probabilities
-      P(y > k) above ``thresholds`` (scalar or ``[K-1]``; default 0.5).
-    - ``softmax``: argmax ``[B]``; for a two-way (binary) softmax a scalar ``thresholds`` t
-      gives P(y = 1) > t instead.
-    - ``sigmoid`` with D == 1 (binary): ``[B]`` = P(y = 1) > threshold (default 0.5).
-    - ``sigmoid`` with D > 1 (multilabel): 0/1 ``[B, C]``, per-label ``thresholds``
-      (scalar or ``[C]``; default 0.5).
-    """
-    x = ops.cast(ops.convert_to_tensor(logits), "float32")
-    t = 0.5 if thresholds is None else ops.cast(ops.convert_to_tensor(thresholds), "float32")
-    if head in ORDINAL_HEADS:
-        out = ops.sum(ops.cast(_cumulative_probs(x, head) > t, "int32"), axis=-1)
-    elif head == "softmax":
-        if thresholds is not None:
-            if x.shape[-1] != 2:
-                raise ValueError("thresholds apply to a two-way softmax only")
-            out = ops.cast(ops.softmax(x, axis=-1)[..., 1] > t, "int32")
-        else:
-            out = ops.cast(ops.argmax(x, axis=-1), "int32")
-    elif head == "sigmoid":
-        out = ops.cast(ops.sigmoid(x) > t, "int32")
-        if x.shape[-1] == 1:
-            out = out[..., 0]
     else:
         raise ValueError(f"Unknown head {head!r}")
     return _to_numpy_if(out, logits)

@@ -3,7 +3,11 @@
 Every metric takes the model's float32 logits ``[B, D]`` and the labels (int ``[B]`` for
 single-label tasks, float 0/1 ``[B, C]`` for multilabel) and accumulates state with
 ``assign_add`` (a plain function metric would be averaged per batch: docs PITFALLS 5).
-Stable names, so training can monitor e.g. ``val_qwk``:
+Single-label metrics decide with ``models.decision``'s untuned default rule of the task
+(threshold 0.5, argmax, dr_grade: expected grade with cut-points k + 0.5 for every head),
+the same function evaluate.py and the export graph apply, so the checkpoint is selected by
+the rule that is later tuned and served. Stable names, so training can monitor e.g.
+``val_qwk``:
 
 | task         | metrics (``get_metrics``)              |
 |--------------|----------------------------------------|
@@ -19,7 +23,7 @@ approximation of average precision); exact split-level values live in ``evaluati
 import keras
 from keras import ops
 
-from models import heads
+from models import decision, heads
 
 
 def _sparse_labels(y_true):
@@ -33,15 +37,32 @@ def _column_weights(sample_weight):
     return ops.reshape(ops.cast(sample_weight, "float32"), (-1, 1))
 
 
-class _ConfusionMatrixMetric(keras.metrics.Metric):
-    """Accumulates the K x K confusion matrix (rows: true class, columns: decoded prediction)."""
+def _single_label_task(task: str | None, head: str, num_classes: int) -> str:
+    """``task``, or the one a bare (head, K) implies: ordinal heads grade, K = 2 is binary."""
+    if head == "sigmoid" and num_classes != 2:
+        raise ValueError("a sigmoid head is single-label only when binary (num_classes=2)")
+    if task is not None:
+        return task
+    if head in heads.ORDINAL_HEADS:
+        return "dr_grade"
+    return "binary" if num_classes == 2 else "multiclass"
 
-    def __init__(self, num_classes: int, head: str = "softmax", name=None, dtype=None):
+
+def _decide(logits, head: str, rule: dict):
+    """int32 decisions of ``models.decision`` (untempered logits)."""
+    return decision.decide(logits, head, rule)["decision"]
+
+
+class _ConfusionMatrixMetric(keras.metrics.Metric):
+    """Accumulates the K x K confusion matrix (rows: true class, columns: decided class)."""
+
+    def __init__(self, num_classes: int, head: str = "softmax", task: str | None = None,
+                 name=None, dtype=None):
         super().__init__(name=name, dtype=dtype)
-        if head == "sigmoid" and num_classes != 2:
-            raise ValueError("a sigmoid head is single-label only when binary (num_classes=2)")
         self.num_classes = num_classes
         self.head = head
+        self.task = _single_label_task(task, head, num_classes)
+        self.rule = decision.default_rule(self.task, num_classes)
         self.confusion = self.add_variable(
             shape=(num_classes, num_classes),
             initializer="zeros",
@@ -53,12 +74,13 @@ class _ConfusionMatrixMetric(keras.metrics.Metric):
     def update_state(self, y_true, y_pred, sample_weight=None):
         k = self.num_classes
         true = ops.one_hot(_sparse_labels(y_true), k, dtype="float32")
-        pred = ops.one_hot(heads.decode(y_pred, self.head), k, dtype="float32")
+        pred = ops.one_hot(_decide(y_pred, self.head, self.rule), k, dtype="float32")
         true = true * _column_weights(sample_weight)
         self.confusion.assign_add(ops.matmul(ops.transpose(true), pred))
 
     def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes, "head": self.head}
+        return {**super().get_config(), "num_classes": self.num_classes, "head": self.head,
+                "task": self.task}
 
 
 @keras.saving.register_keras_serializable(package="fundusflow")
@@ -68,12 +90,13 @@ class QWK(_ConfusionMatrixMetric):
     kappa = 1 - sum(W * O) / sum(W * E), W_ij = (i - j)^2, O the confusion matrix,
     E = outer(row sums, column sums) / n. Equals ``sklearn.metrics.cohen_kappa_score(
     weights="quadratic", labels=range(K))``; 0 where that is undefined (no data, or one
-    class only). Predictions: softmax argmax; CORAL count of sigmoid(l_k) > 0.5; CORN count
-    of cumulative products > 0.5; binary sigmoid p > 0.5.
+    class only). Predictions: ``models.decision.default_rule(task, K)`` on the head's
+    probabilities (for every dr_grade head: expected grade, cut-points k + 0.5).
     """
 
-    def __init__(self, num_classes: int = 5, head: str = "softmax", name="qwk", dtype=None):
-        super().__init__(num_classes, head, name=name, dtype=dtype)
+    def __init__(self, num_classes: int = 5, head: str = "softmax", task: str = "dr_grade",
+                 name="qwk", dtype=None):
+        super().__init__(num_classes, head, task, name=name, dtype=dtype)
 
     def result(self):
         grades = ops.arange(self.num_classes, dtype="float32")
@@ -94,8 +117,9 @@ class MacroF1(_ConfusionMatrixMetric):
     or the predictions seen so far: ``sklearn.metrics.f1_score(average="macro")``'s default.
     """
 
-    def __init__(self, num_classes: int = 2, head: str = "softmax", name="macro_f1", dtype=None):
-        super().__init__(num_classes, head, name=name, dtype=dtype)
+    def __init__(self, num_classes: int = 2, head: str = "softmax", task: str | None = None,
+                 name="macro_f1", dtype=None):
+        super().__init__(num_classes, head, task, name=name, dtype=dtype)
 
     def result(self):
         true_positives = ops.diagonal(self.confusion)
@@ -108,8 +132,9 @@ class MacroF1(_ConfusionMatrixMetric):
 
 @keras.saving.register_keras_serializable(package="fundusflow")
 class MultilabelMacroF1(keras.metrics.Metric):
-    """Macro F1 over C labels with sigmoid(logit) > ``threshold``; labels with no positives
-    and no predictions count 0 (``sklearn f1_score(average="macro", zero_division=0)``)."""
+    """Macro F1 over C labels decided by ``models.decision`` with every threshold at
+    ``threshold`` (P(label) >= threshold); labels with no positives and no predictions count
+    0 (``sklearn f1_score(average="macro", zero_division=0)``)."""
 
     def __init__(self, num_labels: int, threshold: float = 0.5, name="macro_f1", dtype=None):
         super().__init__(name=name, dtype=dtype)
@@ -122,7 +147,8 @@ class MultilabelMacroF1(keras.metrics.Metric):
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         y = ops.cast(y_true, "float32")
-        pred = ops.cast(ops.sigmoid(ops.cast(y_pred, "float32")) > self.threshold, "float32")
+        rule = {"type": "per_class_thresholds", "thresholds": [self.threshold] * self.num_labels}
+        pred = ops.cast(_decide(y_pred, "sigmoid", rule), "float32")
         w = _column_weights(sample_weight)
         batch = ops.stack(
             [
@@ -145,21 +171,26 @@ class MultilabelMacroF1(keras.metrics.Metric):
 
 @keras.saving.register_keras_serializable(package="fundusflow")
 class DecodedAccuracy(keras.metrics.Mean):
-    """Fraction of examples whose decoded prediction (``heads.decode``) equals the label.
-
-    The accuracy for any single-label head, ordinal ones included (grade == label).
+    """Fraction of examples whose decision (``models.decision``'s default rule, as in
+    ``QWK``) equals the label: the accuracy of any single-label head, ordinal ones included.
     """
 
-    def __init__(self, head: str = "softmax", name="accuracy", dtype=None):
+    def __init__(self, num_classes: int, head: str = "softmax", task: str | None = None,
+                 name="accuracy", dtype=None):
         super().__init__(name=name, dtype=dtype)
         self.head = head
+        self.num_classes = num_classes
+        self.task = _single_label_task(task, head, num_classes)
+        self.rule = decision.default_rule(self.task, num_classes)
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        hits = ops.cast(heads.decode(y_pred, self.head) == _sparse_labels(y_true), "float32")
+        hits = ops.cast(_decide(y_pred, self.head, self.rule) == _sparse_labels(y_true),
+                        "float32")
         return super().update_state(hits, sample_weight=sample_weight)
 
     def get_config(self):
-        return {**super().get_config(), "head": self.head}
+        return {**super().get_config(), "head": self.head, "num_classes": self.num_classes,
+                "task": self.task}
 
 
 @keras.saving.register_keras_serializable(package="fundusflow")
@@ -230,11 +261,11 @@ def get_metrics(task: str, num_classes: int, head: str | None = None) -> list:
             MultilabelMacroF1(num_classes, name="macro_f1"),
         ]
     metrics = [
-        DecodedAccuracy(head, name="accuracy"),
-        MacroF1(num_classes, head, name="macro_f1"),
+        DecodedAccuracy(num_classes, head, task, name="accuracy"),
+        MacroF1(num_classes, head, task, name="macro_f1"),
     ]
     if task == "dr_grade":
-        return [QWK(num_classes, head, name="qwk"), *metrics]
+        return [QWK(num_classes, head, task, name="qwk"), *metrics]
     metrics.append(HeadAUC(num_classes, head, name="auc"))
     if task == "binary":
         metrics.append(HeadAUC(num_classes, head, curve="PR", name="map"))

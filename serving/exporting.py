@@ -37,8 +37,10 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from evaluation import thresholds
 from input_pipeline import serving
-from models import heads
+from models import decision, heads
+from serving import model_card as cards
 
 ONNX_OPSET = 17
 PREPROCESSING_JSON = "preprocessing.json"
@@ -54,9 +56,10 @@ class ServingSpec:
     task: str
     head: str
     class_names: tuple[str, ...]
-    rule: dict  # an evaluation.thresholds decision rule ({"type": ..., ...})
+    rule: dict  # a models.decision rule ({"type": ..., ...})
     preprocess: serving.ServingConfig
     temperature: float | tuple[float, ...] = 1.0  # logits are divided by it
+    tta: bool = False  # average the logits of the image and its flips (rule tuned so)
 
     @property
     def decision_name(self) -> str:
@@ -66,95 +69,25 @@ class ServingSpec:
         return {"task": self.task, "head": self.head, "class_names": list(self.class_names),
                 "decision_output": self.decision_name, "decision_rule": self.rule,
                 "temperature": (list(self.temperature) if isinstance(self.temperature, tuple)
-                                else self.temperature),
+                                else self.temperature), "tta": self.tta,
                 "preprocessing": self.preprocess.to_json()}
 
 
 # --------------------------------------------------------------------------- decision rule
 
 
-def default_rule(task: str, num_classes: int) -> dict:
-    """The untuned rule: threshold 0.5, argmax, rounding of the expected grade."""
-    if task == "binary":
-        return {"type": "binary_threshold", "threshold": 0.5}
-    if task == "multiclass":
-        return {"type": "argmax"}
-    if task == "dr_grade":
-        return {"type": "ordinal_cutpoints", "score": "expected_grade",
-                "cutpoints": [k + 0.5 for k in range(num_classes - 1)]}
-    if task == "multilabel":
-        return {"type": "per_class_thresholds", "thresholds": [0.5] * num_classes}
-    raise ValueError(f"Unknown task {task!r}")
-
-
-_RULE_TYPES = {"binary": "binary_threshold", "multiclass": "argmax",
-               "dr_grade": "ordinal_cutpoints", "multilabel": "per_class_thresholds"}
-
-
-def read_decision(path: pathlib.Path, task: str,
-                  num_classes: int) -> tuple[dict, float | list[float]]:
-    """(rule, temperature) from thresholds.json, or the defaults when the file is absent.
-
-    The file is evaluate's {"task", "head", "temperature", "decision": rule}
-    (see evaluation/report.py); a bare rule ({"type": ...}) is accepted too.
-    Temperature: a float, or a list of C floats (per-label multilabel calibration).
-    """
-    if not path.is_file():
-        return default_rule(task, num_classes), 1.0
-    data = json.loads(path.read_text())
-    rule = data if "type" in data else data.get("decision", data.get("rule"))
-    if not isinstance(rule, dict) or rule.get("type") != _RULE_TYPES[task]:
-        raise ValueError(f"{path}: expected a {_RULE_TYPES[task]!r} decision rule for task "
-                         f"{task!r}, got {rule!r}")
-    temperature = data.get("temperature")
-    if temperature is None:
-        return rule, 1.0
-    if isinstance(temperature, list):
-        return rule, [float(t) for t in temperature]
-    return rule, float(temperature)
-
-
-def apply_rule(rule: dict, probs):
-    """keras.ops twin of `evaluation.thresholds.apply_rule`: probabilities -> int32 decision.
-
-    Args:
-        probs: float32 [B, K] class probabilities ([B, 2] for binary), or [B, C] per label.
-    Returns:
-        int32 [B] (binary / multiclass / dr_grade) or [B, C] (multilabel).
-    """
-    kind = rule["type"]
-    if kind == "binary_threshold":
-        return ops.cast(probs[:, 1] >= rule["threshold"], "int32")
-    if kind == "argmax":
-        return _first_argmax(probs)
-    if kind == "ordinal_cutpoints":
-        k = ops.cast(ops.arange(probs.shape[-1]), "float32")
-        score = ops.sum(probs * k[None, :], axis=-1)
-        cuts = ops.convert_to_tensor(np.asarray(rule["cutpoints"], np.float32))
-        return ops.sum(ops.cast(score[:, None] >= cuts[None, :], "int32"), axis=-1)
-    if kind == "per_class_thresholds":
-        t = ops.convert_to_tensor(np.asarray(rule["thresholds"], np.float32))
-        return ops.cast(probs >= t[None, :], "int32")
-    raise ValueError(f"Unknown decision rule {kind!r}")
-
-
-def _first_argmax(probs):
-    """int32 [B]: index of the first maximum of [B, K], as np.argmax.
-
-    Not ops.argmax: on TF, Keras implements it with a Bitcast (to order -0.0
-    and 0.0) that ONNX cannot hold.
-    """
-    k = probs.shape[-1]
-    is_max = probs >= ops.max(probs, axis=-1, keepdims=True)
-    reverse_index = ops.cast(k - ops.arange(k), "int32")[None, :]  # K .. 1
-    return k - ops.max(ops.where(is_max, reverse_index, 0), axis=-1)
-
-
 def postprocess(logits, spec: ServingSpec) -> dict:
-    """Logits float32 [B, D] -> {"probabilities": float32 [B, K], decision: int32} (keras.ops)."""
-    temperature = np.asarray(spec.temperature, np.float32)
-    probs = heads.probabilities(ops.cast(logits, "float32") / temperature, spec.head)
-    return {"probabilities": probs, spec.decision_name: apply_rule(spec.rule, probs)}
+    """Logits float32 [B, D] -> {"probabilities": float32 [B, K], decision: int32} (keras.ops).
+
+    `models.decision.decide`: the same function evaluate.py applies.
+    """
+    out = decision.decide(logits, spec.head, spec.rule, spec.temperature)
+    return {"probabilities": out["probabilities"], spec.decision_name: out["decision"]}
+
+
+def served_logits(model: keras.Model, images, spec: ServingSpec):
+    """Logits [B, D] of float32 [B, S, S, 3] images: flip-averaged when spec.tta (as evaluated)."""
+    return decision.served_logits(model, images, spec.tta)
 
 
 # --------------------------------------------------------------------------- model
@@ -226,13 +159,13 @@ def spec_from_dataset(model: keras.Model, dataset_info: dict,
     class_names = tuple(str(c) for c in dataset_info["class_names"])
     num_classes = int(dataset_info.get("num_classes", len(class_names)))
     preprocess = serving.ServingConfig.from_dataset_info(dataset_info, image_size(model))
-    rule, temperature = read_decision(thresholds_path or pathlib.Path("/nonexistent"), task,
-                                      num_classes)
+    rule, temperature, tta = thresholds.read_decision(
+        thresholds_path or pathlib.Path("/nonexistent"), task, num_classes)
     if isinstance(temperature, list):
         temperature = tuple(temperature)
     return ServingSpec(task=task, head=infer_head(model, task, num_classes),
                        class_names=class_names, rule=rule, preprocess=preprocess,
-                       temperature=temperature)
+                       temperature=temperature, tta=tta)
 
 
 def load_workdir(workdir: str | pathlib.Path) -> tuple[keras.Model, ServingSpec, dict]:
@@ -255,7 +188,7 @@ def load_workdir(workdir: str | pathlib.Path) -> tuple[keras.Model, ServingSpec,
 def tensor_fn(model: keras.Model, spec: ServingSpec):
     """f(image float32 [B, S, S, 3] in [0, 255]) -> postprocess dict; backend-agnostic."""
     def serve_tensor(image):
-        return postprocess(model(image, training=False), spec)
+        return postprocess(served_logits(model, image, spec), spec)
     return serve_tensor
 
 
@@ -398,7 +331,7 @@ def onnx_friendly(model: keras.Model) -> keras.Model:
 def onnx_fn(model: keras.Model, spec: ServingSpec):
     """Tensor-in function for ONNX: logits too, so clients can re-calibrate."""
     def serve(image):
-        logits = model(image, training=False)
+        logits = served_logits(model, image, spec)
         return {"logits": logits, **postprocess(logits, spec)}
     return serve
 
@@ -440,8 +373,8 @@ def _convert_onnx(saved_model: pathlib.Path, output: pathlib.Path) -> None:
 
 
 def check_onnx(model: keras.Model, path: pathlib.Path, batch: int = 2,
-               rtol: float = 1e-4) -> float:
-    """Runs the ONNX model and the Keras model on the same random pixels.
+               rtol: float = 1e-4, tta: bool = False) -> float:
+    """Runs the ONNX model and the Keras model (flip-averaged when `tta`) on the same pixels.
 
     Returns the relative difference of the logits, max|a - b| / max|b|; raises
     RuntimeError above `rtol`.
@@ -453,7 +386,7 @@ def check_onnx(model: keras.Model, path: pathlib.Path, batch: int = 2,
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x}), strict=True))
-    want = ops.convert_to_numpy(model(x, training=False))
+    want = ops.convert_to_numpy(decision.served_logits(model, x, tta))
     rel = float(np.max(np.abs(got["logits"] - want)) / max(np.max(np.abs(want)), 1e-12))
     if not rel < rtol:
         raise RuntimeError(f"ONNX logits differ from Keras: relative difference {rel:.2e}")
@@ -480,109 +413,11 @@ def write_onnx(model: keras.Model, spec: ServingSpec, export_dir, version: int |
     with tempfile.TemporaryDirectory() as saved_model:
         archive.write_out(saved_model, verbose=False)
         _convert_onnx(pathlib.Path(saved_model), tmp / "model.onnx")
-    check_onnx(model, tmp / "model.onnx")
+    check_onnx(model, tmp / "model.onnx", tta=spec.tta)
     (tmp / PREPROCESSING_JSON).write_text(json.dumps(preprocessing_json(spec), indent=2) + "\n")
     if model_card is not None:
         (tmp / "model_card.md").write_text(model_card)
     return _publish(tmp, out)
-
-
-# --------------------------------------------------------------------------- model card
-
-NOTICE = ("**Not a medical device.** This model is a research artefact. It has not been "
-          "cleared or approved by any regulator (e.g. FDA, EU MDR) and must not be used to "
-          "diagnose, screen, triage or decide the treatment of any patient.")
-
-
-def _split_rows(dataset_info: dict, class_names) -> list[str]:
-    rows = ["| split | images | " + " | ".join(class_names) + " |",
-            "|---|---|" + "---|" * len(class_names)]
-    for split, info in (dataset_info.get("splits") or {}).items():
-        counts = info.get("class_counts") or []
-        rows.append(f"| {split} | {info.get('num_examples', '?')} | "
-                    + " | ".join(str(c) for c in counts) + " |")
-    return rows
-
-
-def _metric_sections(metrics: dict | None) -> list[str]:
-    """Headline metrics with their intervals, per split (metrics.json of evaluate)."""
-    if not metrics:
-        return ["No evaluation found (W/eval/metrics.json); run evaluate.py before relying "
-                "on this model."]
-    by_split = {"": metrics} if "headline" in metrics else {
-        k: v for k, v in metrics.items() if isinstance(v, dict) and "headline" in v}
-    lines = []
-    for split, m in by_split.items():
-        lines += [f"**{split or 'evaluation'}**: {m.get('num_examples', '?')} images, "
-                  f"{m.get('num_patients', '?')} patients.", "",
-                  "| metric | value | 95% CI |", "|---|---|---|"]
-        for name in m["headline"]:
-            value = m["metrics"].get(name)
-            ci = (m.get("confidence_intervals") or {}).get(name) or {}
-            interval = (f"[{ci['low']:.3f}, {ci['high']:.3f}]" if ci.get("low") is not None
-                        else ci.get("reason", "not computed"))
-            shown = "undefined" if value is None else f"{value:.3f}"
-            lines.append(f"| {name} | {shown} | {interval} |")
-        lines.append("")
-    return lines or ["metrics.json holds no headline metrics."]
-
-
-def _preprocessing_text(pp: serving.ServingConfig) -> str:
-    crop = "fundus circle crop to its bounding square" if pp.crop == "fundus" else "no crop"
-    clahe = (f" -> CLAHE on the green channel (clip limit {pp.clahe_clip_limit}, "
-             f"{pp.clahe_tile_grid}x{pp.clahe_tile_grid} tiles)" if pp.clahe else "")
-    ben = f" -> Ben Graham (sigma {pp.ben_graham_sigma} at 512 px)" if pp.ben_graham else ""
-    return (f"Decode (RGB) -> {crop} -> resize to {pp.dataset_image_size} px{clahe}{ben} -> "
-            f"resize to the model input {pp.model_image_size} px, pixels in [0, 255] "
-            "(normalisation inside the model).")
-
-
-def model_card(spec: ServingSpec, dataset_info: dict, metrics: dict | None = None, *,
-               title: str = "fundusflow model", fmt: str = "saved_model") -> str:
-    """Markdown model card: task, classes, data, metrics, rule, pre-processing, use, limits."""
-    pp = spec.preprocess
-    rows = dataset_info.get("rows") or {}
-    temperature = spec.to_json()["temperature"]
-    signature = ("`serving_default`: `image_bytes` (tf.string [B], JPEG/PNG) -> "
-                 f"`probabilities`, `{spec.decision_name}`, `class_names`; `serve_tensor`: "
-                 f"`image` float32 [B, {pp.model_image_size}, {pp.model_image_size}, 3] "
-                 "in [0, 255]" if fmt == "saved_model" else
-                 f"`model.onnx`: `image` float32 [B, {pp.model_image_size}, "
-                 f"{pp.model_image_size}, 3] in [0, 255] -> logits, probabilities, "
-                 f"`{spec.decision_name}`; the client pre-processes (preprocessing.json)")
-    lines = [
-        f"# {title}", "", NOTICE, "",
-        "## Model", "",
-        f"- Task: `{spec.task}` (head `{spec.head}`), {len(spec.class_names)} classes: "
-        + ", ".join(f"`{c}`" for c in spec.class_names),
-        f"- Interface: {signature}",
-        "",
-        "## Training data", "",
-        f"Source: {json.dumps(dataset_info.get('source', {}))}. Rows read "
-        f"{rows.get('read', '?')}, written {rows.get('written', '?')}, rejected "
-        f"{rows.get('rejected', '?')}; dropped classes: "
-        f"{dataset_info.get('dropped_classes') or 'none'}; balance: "
-        f"{dataset_info.get('balance', '?')}. Counts per class (positives per label for "
-        "multilabel):", "",
-        *_split_rows(dataset_info, spec.class_names), "",
-        "## Evaluation", "", *_metric_sections(metrics), "",
-        "## Decision rule", "",
-        f"Temperature {temperature}; rule `{spec.rule['type']}`: "
-        f"`{json.dumps({k: v for k, v in spec.rule.items() if k != 'details'})}`.", "",
-        "## Pre-processing", "",
-        _preprocessing_text(pp), "",
-        "## Intended use", "",
-        "Research and education on retinal images like the training data (same cameras, "
-        "populations and grading protocol); comparison of methods; a starting point for "
-        "properly validated development.", "",
-        "## Limitations", "",
-        "- Validated only on the splits above; performance on other cameras, populations, "
-        "image quality or disease prevalence is unknown and likely lower.",
-        "- Ungradable, non-fundus or very dark images still receive a prediction.",
-        "- Confidence intervals come from a patient-level bootstrap of one test split.",
-        "- Grad-CAM maps are not evidence that the model uses clinically meaningful features.",
-        "", NOTICE, ""]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -597,8 +432,10 @@ def export_workdir(workdir, export_dir, version: int | None = None,
     """Exports a training workdir (best weights, tuned rule) as `export_dir/version/`."""
     workdir = pathlib.Path(workdir)
     model, spec, dataset_info = load_workdir(workdir)
-    card = model_card(spec, dataset_info, _read_json(workdir / "eval" / "metrics.json"),
-                      title=f"fundusflow {spec.task} model ({workdir.name})", fmt=fmt)
+    external = [_read_json(p) for p in sorted(workdir.glob("eval/external/*/metrics.json"))]
+    card = cards.model_card(spec, dataset_info, _read_json(workdir / "eval" / "metrics.json"),
+                            external=external,
+                            title=f"fundusflow {spec.task} model ({workdir.name})", fmt=fmt)
     if fmt == "saved_model":
         return write_saved_model(model, spec, export_dir, version, card)
     if fmt == "onnx":

@@ -3,6 +3,8 @@
 import csv
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -135,3 +137,100 @@ def test_other_tasks_in_process(tmp_path, monkeypatch, task, k, head, rule_type)
         rows = list(csv.DictReader(f))
     assert len(rows) == 16 and rows[3]["patient_id"] == "p1"
     assert ("pred_c2" in rows[0]) == (task == "multilabel")
+
+
+# ------------------------------------------------- external validation, served = evaluated
+
+def _relative_copy(workdir, tmp_path):
+    """W and its data under one project dir, the stored data_dir made relative to it (as
+    `make demo` stores it); W/eval/ left out."""
+    project = tmp_path / "project"
+    w = project / "runs" / "w"
+    shutil.copytree(workdir, w, ignore=shutil.ignore_patterns("eval", "tensorboard"))
+    config = (w / "operative_config.gin").read_text()
+    data_dir = re.search(r"train.data_dir = '([^']+)'", config).group(1)
+    shutil.copytree(data_dir, project / "data")
+    (w / "operative_config.gin").write_text(config.replace(data_dir, "data"))
+    return w
+
+
+def test_external_validation_from_another_directory(workdir, tmp_path, monkeypatch):
+    w = _relative_copy(workdir, tmp_path)
+    external = write_shards(str(tmp_path / "aptos_like"), counts={"test": 20}, seed=5)
+    monkeypatch.chdir(tmp_path)  # neither the project dir nor the repo
+
+    path = run.evaluate(str(w), "test", external, n_boot=20, gradcam_per_kind=1)
+    out = w / "eval" / "external" / "aptos_like"
+    assert path == out / "report.html" and path.is_file()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["external"] is True and m["split"] == "test" and m["num_examples"] == 20
+    assert m["data_dir"] == external and m["ci_unit"] == "image" and m["num_patients"] is None
+    # Tuned on W's own val split (found through the relative path), never on the external set.
+    own = str(tmp_path / "project" / "data")
+    assert m["decision_origin"].startswith(f"tuned on the validation split of {own}")
+    served = json.loads((w / "eval" / "thresholds.json").read_text())
+    assert served["tuned_on"] == "val" and served["data_dir"] == own
+    assert served["tta"] is False
+    assert json.loads((out / "thresholds.json").read_text())["decision"] == served["decision"]
+    assert not (w / "eval" / "metrics.json").exists()  # W's own evaluation left alone
+    page = path.read_text()
+    assert "external validation" in page and "image-level bootstrap" in page
+
+    # A served rule is applied as it is: cut-points below any expected grade -> all grade 4.
+    served["decision"]["cutpoints"] = [-4.0, -3.0, -2.0, -1.0]
+    (w / "eval" / "thresholds.json").write_text(json.dumps(served))
+    run.evaluate(str(w), "test", external, n_boot=0, gradcam_per_kind=0)
+    with open(out / "predictions_test.csv") as f:
+        assert {r["prediction"] for r in csv.DictReader(f)} == {"4"}
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["decision_origin"].startswith(f"read from {w / 'eval' / 'thresholds.json'}")
+    with pytest.raises(ValueError, match="tuned with tta=False"):
+        run.evaluate(str(w), "test", external, tta=True, n_boot=0)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"class_names": ["0", "1", "2", "3", "X"]}, r"5 classes \['0', '1', '2', '3', 'X'\], the "
+                                                  r"model has 5"),
+    ({"class_names": ["0", "1"], "num_classes": 2}, "2 classes"),
+    ({"task": "multiclass"}, "task 'multiclass', the model's is 'dr_grade'"),
+    ({"preprocessing": {"crop": "none"}}, "prepared differently.*crop: model 'fundus' vs 'none'"),
+])
+def test_external_data_must_match_the_model(tmp_path, monkeypatch, change, message):
+    from training import experiment
+
+    info = {"task": "dr_grade", "num_classes": 5, "class_names": list("01234"),
+            "image_size": 32}
+    config = {"task": "dr_grade", "head": "coral", "data_dir": str(tmp_path / "own"),
+              "image_size": 32, "batch_size": 8}
+    monkeypatch.setattr(experiment, "build_from_config", lambda w: (None, info, config))
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    (ext / "dataset.json").write_text(json.dumps({**info, **change}))
+    with pytest.raises(ValueError, match=message):
+        run.evaluate(str(tmp_path / "w"), "test", str(ext))
+    with pytest.raises(FileNotFoundError, match="must be a prepare.py output"):
+        run.evaluate(str(tmp_path / "w"), "test", str(tmp_path))
+
+
+def test_export_graph_reproduces_evaluate_with_tta(evaluated, workdir):
+    """The served graph (TTA from thresholds.json) on the evaluated images gives
+    predictions_test.csv's decisions and probabilities."""
+    import tensorflow as tf
+
+    from serving import exporting
+    from training import experiment
+
+    model, spec, _ = exporting.load_workdir(workdir)
+    assert spec.tta is True
+    _, info, config = experiment.build_from_config(str(workdir))
+    graph = tf.function(exporting.tensor_fn(model, spec))
+    probs, grades = [], []
+    for batch in run._dataset(config["data_dir"], "test", config, info):
+        out = graph(batch["image"])
+        probs.append(out["probabilities"].numpy())
+        grades.append(out["grade"].numpy())
+    with open(evaluated[0] / "predictions_test.csv") as f:
+        rows = list(csv.DictReader(f))
+    np.testing.assert_array_equal(np.concatenate(grades), [int(r["prediction"]) for r in rows])
+    want = np.array([[float(r[f"p_{k}"]) for k in range(5)] for r in rows])
+    np.testing.assert_allclose(np.concatenate(probs), want, atol=2e-6)

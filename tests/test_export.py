@@ -1,5 +1,6 @@
 """serving.exporting / export.py: SavedModel with an image-bytes signature, ONNX, model card."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -14,7 +15,7 @@ import tensorflow as tf
 from evaluation import metrics, thresholds
 from input_pipeline import serving
 from models import build_model, heads
-from serving import exporting
+from serving import exporting, model_card
 from tests.serving_helpers import encode, synthetic_fundus
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -59,7 +60,10 @@ def workdir(model, tmp_path_factory) -> pathlib.Path:
     rng = np.random.default_rng(0)
     y, probs = rng.integers(0, 5, 40), rng.dirichlet(np.ones(5), 40)
     test = metrics.compute_metrics("dr_grade", y, probs, probs.argmax(1), CLASSES, n_boot=20)
-    (w / "eval" / "metrics.json").write_text(json.dumps({"test": test}))
+    test.update(split="test", data_dir="/data", external=False, tta=False,
+                decision_origin="tuned on the validation split of /data",
+                tuned_on_evaluated_data=False)
+    (w / "eval" / "metrics.json").write_text(json.dumps(test))  # as evaluate.py writes it
     return w
 
 
@@ -120,8 +124,10 @@ def test_version_layout_and_model_card(exported):
     meta = json.loads((exported / exporting.METADATA_JSON).read_text())
     assert meta["decision_output"] == "grade" and meta["class_names"] == list(CLASSES)
     card = (exported / "model_card.md").read_text()
-    assert exporting.NOTICE in card and "ordinal_cutpoints" in card and "| train | 70 |" in card
-    assert "**test**: 40 images" in card and "| qwk |" in card  # metrics with intervals
+    assert model_card.NOTICE in card and "ordinal_cutpoints" in card and "| train | 70 |" in card
+    assert "**Split `test`**: 40 images" in card and "| qwk |" in card  # metrics, intervals
+    assert "image-level" in card and "patient-level" not in card  # no patient ids given
+    assert "Test-time augmentation: off" in card and meta["tta"] is False
     assert exporting.next_version(exported.parent) == 2
 
 
@@ -172,7 +178,7 @@ def test_green_clahe_dataset_exports_with_clahe_in_the_graph(model, tmp_path):
                                atol=1e-4)
     assert not np.allclose(want["probabilities"].numpy(), without["probabilities"].numpy(),
                            atol=1e-4)  # CLAHE is really in the graph
-    assert "CLAHE on the green channel" in exporting.model_card(spec, info)
+    assert "CLAHE on the green channel" in model_card.model_card(spec, info)
 
 
 def test_existing_version_is_not_overwritten(exported, model, spec):
@@ -208,3 +214,48 @@ def test_mixed_precision_model_is_exported_in_float32():
     assert all(not layer.dtype_policy.name.startswith("mixed") for layer in twin.layers)
     x = np.random.default_rng(1).uniform(0, 255, (2, S, S, 3)).astype(np.float32)
     np.testing.assert_allclose(twin(x).numpy(), mixed(x).numpy().astype(np.float32), atol=0.05)
+
+
+def _card_metrics(split: str, patient_ids, **scope) -> dict:
+    rng = np.random.default_rng(1)
+    y, probs = rng.integers(0, 5, 20), rng.dirichlet(np.ones(5), 20)
+    m = metrics.compute_metrics("dr_grade", y, probs, probs.argmax(1), CLASSES,
+                                patient_ids=patient_ids, n_boot=10)
+    return {**m, "split": split, "tta": False, **scope}
+
+
+def test_model_card_names_split_optimism_and_ci_level(spec):
+    on_val = _card_metrics("val", [f"p{i // 2}" for i in range(20)],
+                           tuned_on_evaluated_data=True)
+    card = model_card.model_card(spec, DATASET, on_val)
+    assert "**Split `val`**: 20 images, 10 patients." in card
+    assert "Optimistic: the temperature and the decision rule were tuned on this same" in card
+    assert "95% CI (patient-level bootstrap)" in card and "test split" not in card
+    no_ids = _card_metrics("test", [""] * 20)
+    external = _card_metrics("test", None, external=True, data_dir="/ext/aptos",
+                             decision_origin="read from W/eval/thresholds.json")
+    card = model_card.model_card(spec, DATASET, no_ids, external=[external])
+    assert "**Split `test`**: 20 images, no patient ids" in card and "Optimistic" not in card
+    assert "95% CI (image-level bootstrap)" in card and "patient-level" not in card
+    assert "External validation: split `test` of /ext/aptos" in card
+    assert "none of them was tuned on the evaluated data" in card
+
+
+def test_tta_from_thresholds_json_is_served(model, workdir, tmp_path):
+    """thresholds.json with tta=true: the graph averages the flips, as evaluate.py did."""
+    (tmp_path / "thresholds.json").write_text(json.dumps(
+        {"task": "dr_grade", "head": "coral", "temperature": 1.5, "decision": RULE,
+         "tta": True}))
+    tta_spec = exporting.spec_from_dataset(model, DATASET, tmp_path / "thresholds.json")
+    assert tta_spec.tta and tta_spec.to_json()["tta"] is True
+    assert "Test-time augmentation: on" in model_card.model_card(tta_spec, DATASET)
+    x = np.random.default_rng(2).uniform(0, 255, (3, S, S, 3)).astype(np.float32)
+    views = [x, x[:, :, ::-1], x[:, ::-1]]  # identity, horizontal and vertical flips
+    logits = np.mean([model(v, training=False).numpy() for v in views], axis=0)
+    probs = heads.probabilities(logits / 1.5, "coral")
+    got = tf.function(exporting.tensor_fn(model, tta_spec))(tf.constant(x))
+    np.testing.assert_allclose(got["probabilities"].numpy(), probs, atol=1e-5)
+    np.testing.assert_array_equal(got["grade"].numpy(), thresholds.apply_rule(RULE, probs))
+    one_view = dataclasses.replace(tta_spec, tta=False)
+    single = tf.function(exporting.tensor_fn(model, one_view))(tf.constant(x))
+    assert not np.allclose(single["probabilities"].numpy(), probs, atol=1e-5)

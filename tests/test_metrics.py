@@ -39,17 +39,32 @@ def _ordinal_data(n=160, seed=0):
     return y, cumulative, softmax
 
 
-# Predictions decoded independently of models.heads.
+# Grades decided independently of models.heads / models.decision: the expected grade
+# E = sum_k k P(k), rounded (cut-points k + 0.5), for every ordinal head.
+def _rounded_expected_grade(class_probs):
+    expected = class_probs @ np.arange(K)
+    return (expected[:, None] >= np.arange(K - 1) + 0.5).sum(-1)
+
+
+def _from_cumulative(cum):
+    """P(y = k) from P(y > k), clipped at 0 and renormalised (as CORAL's can cross)."""
+    ones = np.ones_like(cum[:, :1])
+    diff = np.maximum(np.concatenate([ones, cum], 1) - np.concatenate([cum, 0 * ones], 1), 0)
+    return diff / diff.sum(1, keepdims=True)
+
+
 def _pred_softmax(logits):
-    return logits.argmax(-1)
+    e = np.exp(logits.astype("float64"))
+    return _rounded_expected_grade(e / e.sum(1, keepdims=True))
 
 
 def _pred_coral(logits):
-    return (logits > 0).sum(-1)
+    return _rounded_expected_grade(_from_cumulative(_sig(logits.astype("float64"))))
 
 
 def _pred_corn(logits):
-    return (np.cumprod(_sig(logits.astype("float64")), -1) > 0.5).sum(-1)
+    return _rounded_expected_grade(
+        _from_cumulative(np.cumprod(_sig(logits.astype("float64")), -1)))
 
 
 @pytest.mark.parametrize(
@@ -88,7 +103,8 @@ def test_macro_f1_single_label_matches_sklearn():
         ("coral", cumulative, _pred_coral),
     ):
         expected = skm.f1_score(y, decoder(logits), average="macro")
-        np.testing.assert_allclose(_stream(mm.MacroF1(K, head), y, logits), expected, atol=1e-6)
+        metric = mm.MacroF1(K, head, "dr_grade")
+        np.testing.assert_allclose(_stream(metric, y, logits), expected, atol=1e-6)
     # A class absent from labels and predictions is left out, as sklearn does by default.
     y = np.array([0, 0, 1, 1, 3, 3])
     logits = np.eye(K, dtype="float32")[[0, 1, 1, 1, 3, 0]]
@@ -118,7 +134,7 @@ def test_decoded_accuracy():
     for head, decoder in (("coral", _pred_coral), ("corn", _pred_corn)):
         expected = np.mean(decoder(cumulative) == y)
         np.testing.assert_allclose(
-            _stream(mm.DecodedAccuracy(head), y, cumulative), expected, atol=1e-6
+            _stream(mm.DecodedAccuracy(K, head), y, cumulative), expected, atol=1e-6
         )
 
 

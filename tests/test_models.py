@@ -220,57 +220,41 @@ def test_coral_dense_shared_weight_and_ordered_bias():
     assert restored.num_classes == 5
 
 
-def test_coral_probabilities_and_decode():
+def test_coral_probabilities():
     logits = np.array([[10, 10, -10, -10], [-10, -10, -10, -10]], "float32")
     np.testing.assert_allclose(heads.probabilities(logits, "coral")[0], [0, 0, 1, 0, 0], atol=1e-4)
-    np.testing.assert_array_equal(heads.decode(logits, "coral"), [2, 0])
     # Crossing cumulative probs: P(y>0)=0.3, P(y>1)=0.6 -> (0.7, -0.3, 0.6) -> clip, renormalise.
     probs = heads.probabilities(_logit([[0.3, 0.6]]), "coral")
     np.testing.assert_allclose(probs, [[0.7 / 1.3, 0.0, 0.6 / 1.3]], atol=1e-6)
-    # Per-rank thresholds: P(y>k) = (0.8, 0.6, 0.4, 0.2).
-    cum = _logit([[0.8, 0.6, 0.4, 0.2]])
-    assert heads.decode(cum, "coral")[0] == 2
-    assert heads.decode(cum, "coral", thresholds=[0.5, 0.5, 0.3, 0.3])[0] == 3
 
 
-def test_corn_probabilities_and_decode():
+def test_corn_probabilities():
     # Conditional probs (0.8, 0.5, 0.5) -> P(y>k) = (0.8, 0.4, 0.2) -> P(y=k) = (.2, .4, .2, .2).
     logits = _logit([[0.8, 0.5, 0.5]])
     np.testing.assert_allclose(
         heads.probabilities(logits, "corn"), [[0.2, 0.4, 0.2, 0.2]], atol=1e-6
     )
-    assert heads.decode(logits, "corn")[0] == 1
-    assert heads.decode(logits, "corn", thresholds=0.3)[0] == 2
 
 
-def test_softmax_sigmoid_probabilities_and_decode():
+def test_softmax_sigmoid_probabilities():
     logits = np.array([[1.0, 3.0, 0.0], [2.0, -1.0, 0.5]], "float32")
     e = np.exp(logits)
     np.testing.assert_allclose(
         heads.probabilities(logits, "softmax"), e / e.sum(1, keepdims=True), rtol=1e-6
     )
-    np.testing.assert_array_equal(heads.decode(logits, "softmax"), [1, 0])
-    two_way = np.array([[0.0, 1.0], [0.0, -1.0]], "float32")  # P(y=1) = 0.73, 0.27
-    np.testing.assert_array_equal(heads.decode(two_way, "softmax", thresholds=0.2), [1, 1])
     binary = np.array([[0.0], [np.log(3.0)]], "float32")
     np.testing.assert_allclose(
         heads.probabilities(binary, "sigmoid"), [[0.5, 0.5], [0.25, 0.75]], rtol=1e-6
     )
-    np.testing.assert_array_equal(heads.decode(binary, "sigmoid"), [0, 1])
-    np.testing.assert_array_equal(heads.decode(binary, "sigmoid", thresholds=0.8), [0, 0])
     multi = np.array([[2.0, -1.0, 0.1]], "float32")  # sigmoid: 0.88, 0.27, 0.52
     np.testing.assert_allclose(
         heads.probabilities(multi, "sigmoid"), 1 / (1 + np.exp(-multi)), rtol=1e-6
     )
-    np.testing.assert_array_equal(heads.decode(multi, "sigmoid"), [[1, 0, 1]])
-    np.testing.assert_array_equal(heads.decode(multi, "sigmoid", [0.9, 0.2, 0.6]), [[0, 1, 0]])
 
 
-def test_decoding_on_tensors_and_symbolic():
-    out = heads.decode(ops.convert_to_tensor(_logit([[0.8, 0.6, 0.4]])), "coral")
+def test_probabilities_on_tensors_and_symbolic():
+    out = heads.probabilities(ops.convert_to_tensor(_logit([[0.8, 0.6, 0.4]])), "coral")
     assert not isinstance(out, np.ndarray)
-    assert int(ops.convert_to_numpy(out)[0]) == 2
-    assert isinstance(heads.decode(_logit([[0.8, 0.6, 0.4]]), "coral"), np.ndarray)
+    assert isinstance(heads.probabilities(_logit([[0.8, 0.6, 0.4]]), "coral"), np.ndarray)
     symbolic = keras.Input((4,))
     assert heads.probabilities(symbolic, "corn").shape == (None, 5)
-    assert heads.decode(symbolic, "coral").shape == (None,)

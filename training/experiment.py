@@ -22,6 +22,7 @@ import inspect
 import json
 import math
 import os
+import pathlib
 import shutil
 import time
 
@@ -34,7 +35,7 @@ from absl import logging
 import models
 from input_pipeline import augment, pipeline  # noqa: F401  (registers AugmentConfig in gin)
 from input_pipeline import inspect as inspect_lib
-from models import backbones, heads, losses, metrics  # noqa: F401  (backbones: gin configurables)
+from models import backbones, decision, heads, losses, metrics  # noqa: F401  (backbones: gin configurables)
 from training import callbacks as cb
 from training import optimizers
 
@@ -398,7 +399,8 @@ def _stage_callbacks(workdir, stage, best, patience, tb_info, val_ds, head, appe
     if tb_info:
         out.append(keras.callbacks.TensorBoard(tb_dir, write_graph=False, profile_batch=0))
         if tb_info["task"] != "multilabel" and head is not None:
-            out.append(cb.ConfusionMatrixImage(val_ds, _decoder(head), tb_info["class_names"],
+            decoder = _decoder(tb_info["task"], head, len(tb_info["class_names"]))
+            out.append(cb.ConfusionMatrixImage(val_ds, decoder, tb_info["class_names"],
                                                tb_dir))
     hang = os.environ.get(cb.HANG_ENV)
     if hang is not None:
@@ -406,8 +408,10 @@ def _stage_callbacks(workdir, stage, best, patience, tb_info, val_ds, head, appe
     return out
 
 
-def _decoder(head: str):
-    return lambda logits: heads.decode(logits, head)
+def _decoder(task: str, head: str, num_classes: int):
+    """logits -> decisions by the untuned rule, as the training metrics decide."""
+    rule = decision.default_rule(task, num_classes)
+    return lambda logits: decision.decide(logits, head, rule)["decision"]
 
 
 def _first_batches(train_ds, n: int) -> list:
@@ -470,6 +474,23 @@ def resolved_train_config() -> dict:
               if p.default is not inspect.Parameter.empty and k != "resume"}
     config.update(gin.get_bindings(train))
     return config
+
+
+def resolve_data_dir(workdir: str, data_dir: str) -> str:
+    """The training data dir as seen from here; the config stores it as train was given it.
+
+    A relative path was relative to the directory train ran from, usually an ancestor of
+    the workdir (`make demo`: demo_run/data beside demo_run/w). Tries, in order: the path
+    itself (absolute, or relative to the current directory), then the path under each
+    ancestor of the workdir; the first holding a dataset.json wins. Returns `data_dir`
+    unchanged when none does (the caller then names the missing files).
+    """
+    if os.path.isabs(data_dir) or os.path.isfile(os.path.join(data_dir, "dataset.json")):
+        return data_dir
+    for parent in pathlib.Path(os.path.abspath(workdir)).parents:
+        if (parent / data_dir / "dataset.json").is_file():
+            return str(parent / data_dir)
+    return data_dir
 
 
 def build_from_config(workdir: str, load_weights: bool = True):
