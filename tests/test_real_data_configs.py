@@ -7,6 +7,7 @@ The smoke run reads ../shared/data/retinamnist/retinamnist.npz and skips without
 import json
 import os
 
+import cv2
 import gin
 import numpy as np
 import pytest
@@ -85,3 +86,33 @@ def test_retinamnist_config_smoke_run(shared_data, tmp_path):
     assert 0.0 <= m["metrics"]["macro_auc"] <= 1.0
     line = summary.summary_line(str(workdir))
     assert "test n=40" in line and "macro_auc" in line and "(1 epochs" in line
+
+
+def _write_images(folder, brightness, rng) -> list[str]:
+    os.makedirs(folder, exist_ok=True)
+    names = []
+    for i, b in enumerate(brightness):
+        img = np.clip(rng.normal(b, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+        names.append(f"img{i}.png")
+        cv2.imwrite(os.path.join(folder, names[-1]), img)
+    return names
+
+
+def test_shortcut_check_finds_a_brightness_label_and_skips_unknown(tmp_path):
+    from evaluation import shortcut
+
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 2
+    names = _write_images(tmp_path / "images", 60 + 80 * y, rng)
+    rows = [f"images/{n},p{i // 2},{'yes' if v else 'no'}" for i, (n, v) in
+            enumerate(zip(names, y, strict=True))]
+    rows += ["images/img0.png,p99,"]  # unknown label: skipped, counted
+    csv = tmp_path / "labels.csv"
+    csv.write_text("image,patient_id,grade\n" + "\n".join(rows) + "\n")
+    r = shortcut.run(str(csv), str(tmp_path), "grade", positive=("YES",))
+    assert r == {"auc": pytest.approx(1.0), "n": 40, "positives": 20, "skipped_unknown": 1}
+    # The same images with labels unrelated to brightness: no shortcut.
+    shuffled = np.array([0, 1, 1, 0] * 10)  # 2 bright, 2 dark per label value
+    assert shortcut.shortcut_auc(
+        np.stack([shortcut.colour_stats(str(tmp_path / "images" / n)) for n in names]),
+        shuffled, [f"p{i // 4}" for i in range(40)]) < 0.8
