@@ -64,17 +64,17 @@ MEXICO_PREPARE = --source=mexico --labels_csv=$(DATA)/labels.csv --images_dir=$(
 check-data:
 	@test -n "$(DATA)" || { echo "Set DATA=path/to/the/dataset/folder"; exit 2; }
 
-# train -> evaluate (single view, kept as eval_single/) -> evaluate with flip TTA -> export.
-# $(1): name under $(REAL); $(2): config name.
+# train -> evaluate with flip TTA (kept as eval_tta/) -> evaluate a single view (eval/,
+# the decision export.py serves) -> export. $(1): name under $(REAL); $(2): config name.
 define train_evaluate_export
 	rm -rf $(REAL)/$(1)/run $(REAL)/$(1)/export
 	$(PY) train.py --gin_file=configs/$(2).gin \
 	  --gin_bindings="train.data_dir='$(REAL)/$(1)/data'" --workdir=$(REAL)/$(1)/run
-	$(PY) evaluate.py --workdir=$(REAL)/$(1)/run --split=test
-	mv $(REAL)/$(1)/run/eval $(REAL)/$(1)/run/eval_single
 	$(PY) evaluate.py --workdir=$(REAL)/$(1)/run --split=test --tta
+	mv $(REAL)/$(1)/run/eval $(REAL)/$(1)/run/eval_tta
+	$(PY) evaluate.py --workdir=$(REAL)/$(1)/run --split=test
 	$(PY) export.py --workdir=$(REAL)/$(1)/run --export_dir=$(REAL)/$(1)/export --version=1
-	$(PY) -m evaluation.summary --eval=eval_single $(REAL)/$(1)/run
+	$(PY) -m evaluation.summary --eval=eval_tta $(REAL)/$(1)/run
 	$(PY) -m evaluation.summary $(REAL)/$(1)/run
 endef
 
