@@ -137,22 +137,22 @@ MEXICO_PREPARE = --source=mexico --labels_csv=$(DATA)/labels.csv --images_dir=$(
   --duplicates_csv=$(DATA)/duplicates.csv --image_size=192
 
 .PHONY: reproduce-retinamnist reproduce-mexico-fundus-dme reproduce-mexico-fundus-dr \
-  reproduce-mexico-oct-dme check-data
+  reproduce-mexico-oct-dme crosscheck-retinamnist-on-mexico check-data
 
 check-data:
 	@test -n "$(DATA)" || { echo "Set DATA=path/to/the/dataset/folder"; exit 2; }
 
-# train -> evaluate (single view, kept as eval_single/) -> evaluate with flip TTA -> export.
-# $(1): name under $(REAL); $(2): config name.
+# train -> evaluate with flip TTA (kept as eval_tta/) -> evaluate a single view (eval/,
+# the decision export.py serves) -> export. $(1): name under $(REAL); $(2): config name.
 define train_evaluate_export
 	rm -rf $(REAL)/$(1)/run $(REAL)/$(1)/export
 	$(PY) train.py --gin_file=configs/$(2).gin \
 	  --gin_bindings="train.data_dir='$(REAL)/$(1)/data'" --workdir=$(REAL)/$(1)/run
-	$(PY) evaluate.py --workdir=$(REAL)/$(1)/run --split=test
-	mv $(REAL)/$(1)/run/eval $(REAL)/$(1)/run/eval_single
 	$(PY) evaluate.py --workdir=$(REAL)/$(1)/run --split=test --tta
+	mv $(REAL)/$(1)/run/eval $(REAL)/$(1)/run/eval_tta
+	$(PY) evaluate.py --workdir=$(REAL)/$(1)/run --split=test
 	$(PY) export.py --workdir=$(REAL)/$(1)/run --export_dir=$(REAL)/$(1)/export --version=1
-	$(PY) -m evaluation.summary --eval=eval_single $(REAL)/$(1)/run
+	$(PY) -m evaluation.summary --eval=eval_tta $(REAL)/$(1)/run
 	$(PY) -m evaluation.summary $(REAL)/$(1)/run
 endef
 
@@ -176,3 +176,20 @@ reproduce-mexico-oct-dme: $(STAMP) check-data
 	$(PREPARE) $(MEXICO_PREPARE) --out_dir=$(REAL)/mexico_oct_dme/data --task=binary \
 	  --label_column=dme --crop=none
 	$(call train_evaluate_export,mexico_oct_dme,mexico_oct_dme)
+
+# External validation: the RetinaMNIST model (run reproduce-retinamnist first) on the
+# Mexican fundus photographs with a known DR grade, prepared like RetinaMNIST (28 px, no
+# crop) as a test-only set. Grades map none:0, npdr:1, pdr:4, so only the any-DR AUC
+# (grade >= 1 vs none) compares like with like. DATA = the Mexican fundus folder.
+XCHECK := $(REAL)/crosscheck
+crosscheck-retinamnist-on-mexico: $(STAMP) check-data
+	mkdir -p $(XCHECK)
+	awk -F, '{sub(/\r$$/, "")} NR == 1 {print $$0 ",split"; next} {print $$0 ",test"}' \
+	  $(DATA)/labels.csv > $(XCHECK)/labels_test.csv
+	$(PREPARE) --source=mexico --labels_csv=$(XCHECK)/labels_test.csv --images_dir=$(DATA) \
+	  --duplicates_csv=$(DATA)/duplicates.csv --split_column=split \
+	  --out_dir=$(XCHECK)/mexico_fundus_dr5 --task=dr_grade --label_column=dr \
+	  --label_map=none:0,npdr:1,pdr:4 --crop=none --image_size=28
+	$(PY) evaluate.py --workdir=$(REAL)/retinamnist/run --data_dir=$(XCHECK)/mexico_fundus_dr5 \
+	  --split=test
+	$(PY) -m evaluation.summary --eval=eval/external/mexico_fundus_dr5 $(REAL)/retinamnist/run
