@@ -27,6 +27,13 @@ EXPECTED_MONITOR = {"dr_grade": "val_qwk", "binary": "val_auc", "multiclass": "v
                     "multilabel": "val_map"}
 
 
+@pytest.fixture(autouse=True)
+def _clean_gin():
+    """Training and evaluation parse gin configs: leave none behind for other modules."""
+    yield
+    gin.clear_config()
+
+
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory):
     out = tmp_path_factory.mktemp("raw")
