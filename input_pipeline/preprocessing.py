@@ -30,7 +30,9 @@ Coordinates: x is the column, y the row, pixel centres at integer positions.
 
 import dataclasses
 import functools
+import io
 import math
+import pathlib
 
 import cv2
 import numpy as np
@@ -761,7 +763,7 @@ def serving_batch(image_bytes: tf.Tensor, config: PreprocessConfig) -> tuple[tf.
                 "gradable": tf.constant(False), "quality": tf.constant("not_decoded"),
                 "circle": tf.zeros([3], tf.float32)})
     done = (tf.data.Dataset.from_tensor_slices((tf.range(n), image_bytes))
-            .map(lambda i, b: _serving_one(i, b, config), deterministic=True)
+            .map(lambda i, b: _serving_one(i, b, config))
             .ignore_errors()
             .concatenate(tf.data.Dataset.from_tensors(default))
             .batch(2 ** 30).get_single_element())
@@ -789,7 +791,6 @@ def graph_bytes(data: bytes) -> tuple[bytes, str]:
     if head not in ("TIFF", "WebP") and (head != "unknown" or not data):
         return data, ""
     from PIL import Image  # header only: Image.open does not decode pixels
-    import io
     try:
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
@@ -852,7 +853,6 @@ def process_bytes(data: bytes, config: PreprocessConfig) -> tuple[np.ndarray, by
 
 def read_file(path) -> bytes:
     """The bytes of an image file; ImageError for a missing, unreadable or empty file."""
-    import pathlib
     path = pathlib.Path(path)
     if not path.is_file():
         raise ImageError("file not found")

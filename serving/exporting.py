@@ -2,16 +2,23 @@
 
 The SavedModel written to `E/N/` (TF Serving's versioned layout) has two signatures:
 
-| signature         | input                                    | outputs                          |
-| ----------------- | ---------------------------------------- | -------------------------------- |
-| `serving_default` | `image_bytes` tf.string [B] (JPEG/PNG)   | probabilities, decision, names   |
-| `serve_tensor`    | `image` float32 [B, S, S, 3] in [0, 255] | probabilities, decision          |
+| signature         | input                                    | outputs                           |
+| ----------------- | ---------------------------------------- | --------------------------------- |
+| `serving_default` | `image_bytes` tf.string [B] (JPEG/PNG)   | probabilities, decision, names,   |
+|                   |                                          | ok, error, gradable, quality, ... |
+| `serve_tensor`    | `image` float32 [B, S, S, 3] in [0, 255] | probabilities, decision           |
 
 Outputs: `probabilities` float32 [B, K] (class probabilities; per-label [B, C]
 for multilabel), the decision as int32 (`grade` [B] for dr_grade, `class_id`
 [B] for binary / multiclass, `labels` 0/1 [B, C] for multilabel) and
 `class_names` tf.string [B, K] (the names broadcast per example, so every
 output shares the batch dimension, which TF Serving's row format needs).
+`serving_default` adds per-image status from `input_pipeline.preprocessing`
+(the pre-processing prepare ran): `ok` bool [B] and `error` tf.string [B] (a
+bad image never fails the batch; its probabilities are those of a black
+image and must be ignored), `gradable` bool [B], `quality` tf.string [B]
+(reasons joined by ";", "" when gradable) and `field_circle` float32 [B, 3]
+(cx, cy, r of the field of view in original pixels).
 
 The decision rule is the one `evaluate` tuned (W/eval/thresholds.json, in the
 format of `evaluation.thresholds`; untuned defaults when absent), applied in
@@ -37,7 +44,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from input_pipeline import serving
+from input_pipeline import preprocessing
 from models import heads
 
 ONNX_OPSET = 17
@@ -55,7 +62,7 @@ class ServingSpec:
     head: str
     class_names: tuple[str, ...]
     rule: dict  # an evaluation.thresholds decision rule ({"type": ..., ...})
-    preprocess: serving.ServingConfig
+    preprocess: preprocessing.PreprocessConfig  # with model_image_size set
     temperature: float | tuple[float, ...] = 1.0  # logits are divided by it
 
     @property
@@ -225,7 +232,8 @@ def spec_from_dataset(model: keras.Model, dataset_info: dict,
     task = dataset_info["task"]
     class_names = tuple(str(c) for c in dataset_info["class_names"])
     num_classes = int(dataset_info.get("num_classes", len(class_names)))
-    preprocess = serving.ServingConfig.from_dataset_info(dataset_info, image_size(model))
+    preprocess = preprocessing.PreprocessConfig.from_dataset_info(dataset_info,
+                                                                   image_size(model))
     rule, temperature = read_decision(thresholds_path or pathlib.Path("/nonexistent"), task,
                                       num_classes)
     if isinstance(temperature, list):
@@ -260,14 +268,17 @@ def tensor_fn(model: keras.Model, spec: ServingSpec):
 
 
 def bytes_fn(serve_tensor, spec: ServingSpec):
-    """f(image_bytes tf.string [B]) -> outputs with class_names; TF ops around serve_tensor."""
+    """f(image_bytes tf.string [B]) -> outputs with class_names and per-image status;
+    TF ops around serve_tensor."""
     names = tf.constant(list(spec.class_names))
 
     def serve(image_bytes):
-        images = serving.preprocess_batch(image_bytes, spec.preprocess)
+        images, status = preprocessing.serving_batch(image_bytes, spec.preprocess)
         out = dict(serve_tensor(images))
         batch = tf.shape(image_bytes)[0]
         out["class_names"] = tf.broadcast_to(names[None, :], [batch, len(spec.class_names)])
+        out.update(status)
+        out["field_circle"] = out.pop("circle")
         return out
     return serve
 
@@ -411,20 +422,23 @@ def preprocessing_json(spec: ServingSpec) -> dict:
                   "layout": "NHWC", "channels": "RGB", "value_range": [0, 255]},
         "steps": [
             "decode to uint8 RGB (JPEG: at the largest 1/2, 1/4, 1/8 DCT scale whose shorter "
-            "side stays >= dataset_image_size, when reduced_decode)",
+            "side stays >= image_size, when reduced_decode); EXIF orientation applied, "
+            "16-bit -> 8-bit, alpha composited on black, grayscale -> RGB",
             "crop='fundus': find the field-of-view circle, crop its bounding square "
             "(side round(2r), zero-padded where the frame clips it); crop='none': whole frame",
-            "resize to dataset_image_size x dataset_image_size (area average when shrinking, "
+            "resize to image_size x image_size (area average when shrinking, "
             "bicubic when enlarging), round to uint8",
             "clahe='green': cv2.createCLAHE(clahe_clip_limit, (clahe_tile_grid,) * 2) on the "
             "green channel",
-            "ben_graham: 4 * (img - GaussianBlur(img, sigma * dataset_image_size / 512)) + 128,"
+            "ben_graham: 4 * (img - GaussianBlur(img, sigma * image_size / 512)) + 128,"
             " black outside 95% of the inscribed circle (fundus crop only)",
+            "JPEG round trip at jpeg_quality (TF's encoder; decode with the accurate IDCT), "
+            "as prepare stores the training images",
             "input_pipeline.pipeline.preprocess_image: resize to the model size, float32 "
             "in [0, 255]; normalisation is inside the model",
         ],
-        "reference_implementation": "input_pipeline.preprocessing.process_image, then "
-                                    "input_pipeline.pipeline.preprocess_image",
+        "reference_implementation": "input_pipeline.preprocessing.process, then "
+                                    "input_pipeline.preprocessing.model_pixels",
         "config": spec.preprocess.to_json(),
         **{k: v for k, v in spec.to_json().items() if k != "preprocessing"},
     }
@@ -527,14 +541,32 @@ def _metric_sections(metrics: dict | None) -> list[str]:
     return lines or ["metrics.json holds no headline metrics."]
 
 
-def _preprocessing_text(pp: serving.ServingConfig) -> str:
+def _preprocessing_text(pp: preprocessing.PreprocessConfig) -> str:
     crop = "fundus circle crop to its bounding square" if pp.crop == "fundus" else "no crop"
     clahe = (f" -> CLAHE on the green channel (clip limit {pp.clahe_clip_limit}, "
              f"{pp.clahe_tile_grid}x{pp.clahe_tile_grid} tiles)" if pp.clahe else "")
     ben = f" -> Ben Graham (sigma {pp.ben_graham_sigma} at 512 px)" if pp.ben_graham else ""
-    return (f"Decode (RGB) -> {crop} -> resize to {pp.dataset_image_size} px{clahe}{ben} -> "
+    return (f"Decode (RGB) -> {crop} -> resize to {pp.image_size} px{clahe}{ben} -> "
             f"resize to the model input {pp.model_image_size} px, pixels in [0, 255] "
             "(normalisation inside the model).")
+
+
+def gradability_section(pp: preprocessing.PreprocessConfig, fmt: str) -> list[str]:
+    """Model-card lines on the per-image status outputs (SavedModel only)."""
+    if fmt != "saved_model":
+        return []
+    return [
+        "## Image quality and errors", "",
+        "Every image gets probabilities, but check two flags first. `ok` is false (and "
+        "`error` says why) when the bytes could not be used: empty, not an image, "
+        "truncated, corrupt JPEG data, above the pixel or decoded-size cap; ignore that "
+        "image's probabilities. `gradable` is false when `quality` lists a reason: "
+        f"`no_fundus_field` (no circular field of view found), `too_dark` (mean luma in "
+        f"the field below {pp.dark_threshold:g} of 255), `small_field` (field diameter "
+        f"below {pp.small_field_fraction:g} of the shorter side or {pp.small_field_pixels:g}"
+        " original pixels). These are the checks and thresholds prepare recorded for the "
+        "training images (same code); the model was not trained to recognise ungradable "
+        "images, so its output on them is not meaningful.", ""]
 
 
 def model_card(spec: ServingSpec, dataset_info: dict, metrics: dict | None = None, *,
@@ -571,6 +603,7 @@ def model_card(spec: ServingSpec, dataset_info: dict, metrics: dict | None = Non
         f"`{json.dumps({k: v for k, v in spec.rule.items() if k != 'details'})}`.", "",
         "## Pre-processing", "",
         _preprocessing_text(pp), "",
+        *gradability_section(pp, fmt),
         "## Intended use", "",
         "Research and education on retinal images like the training data (same cameras, "
         "populations and grading protocol); comparison of methods; a starting point for "
