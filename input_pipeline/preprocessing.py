@@ -433,9 +433,10 @@ def _fit_mask(mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
 def find_fundus(image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Circle of the camera's field of view in a uint8 RGB [H, W, 3] photograph.
 
-    A fit to the mask above the border threshold; when few outline points lie on that circle (a grey letterbox or
-    frame around the field), a second fit above an Otsu threshold among the
-    brighter pixels, the one with more inliers kept; then the rim refinement.
+    A fit to the mask above the border threshold; when few outline points lie
+    on that circle (a grey letterbox or frame around the field), a second fit
+    above an Otsu threshold among the brighter pixels, the one with more
+    inliers kept; then the rim refinement.
 
     Returns:
         (float64 [3] (cx, cy, r) in pixels of `image` (x = column), bool found).
