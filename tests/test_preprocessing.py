@@ -119,9 +119,11 @@ def test_every_bad_input_has_its_own_error():
         "truncated_jpeg": (jpeg[: len(jpeg) // 2], "truncated JPEG"),
         "truncated_png": (png[: len(png) // 2], "truncated PNG"),
         "garbage_scan": (garbage_scan(jpeg), "corrupt JPEG data"),
-        "bomb_144mp": (png_header_only(12_000, 12_000), "image too large to decode safely (> 60 MP)"),
+        "bomb_144mp": (png_header_only(12_000, 12_000),
+                       "image too large to decode safely (> 60 MP)"),
         # 59.3 MP, under the pixel cap, but 8 bytes per pixel decoded: refused from the header.
-        "rgba16_7700": (png_header_only(7700, 7700, 16, 6), "decoded image too large to decode safely (474 MB"),
+        "rgba16_7700": (png_header_only(7700, 7700, 16, 6),
+                        "decoded image too large to decode safely (474 MB"),
         "tiff": (tiff, "unsupported format in the graph: TIFF"),
     }
     errors = {}
