@@ -696,7 +696,7 @@ def define_flags() -> None:
     flags.DEFINE_string("label_map", None, "raw:index,... e.g. none:0,npdr:1,pdr:1.")
     flags.DEFINE_integer("image_size", 512, "Output side length in pixels.")
     flags.DEFINE_string("crop", "fundus", "fundus | none.")
-    flags.DEFINE_string("clahe", "none", "none | green | lab.")
+    flags.DEFINE_string("clahe", "none", "none | green (CLAHE on the green channel).")
     flags.DEFINE_bool("ben_graham", False, "Ben Graham local-colour normalisation.")
     flags.DEFINE_float("ben_graham_sigma", 10.0, "Ben Graham blur sigma at 512 px.")
     flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality of the written images.")
