@@ -1,14 +1,17 @@
 """Served = evaluated: the exported SavedModel on the raw image files of a split vs evaluate.py.
 
-    python -m benchmarks.serving_parity --workdir=W --model=E/N [--split=test]
+    python -m benchmarks.serving_parity [--workdir=demo_run] [--model=demo_run/export/1] \\
+        [--split=test]
 
 W is a training workdir on which `evaluate.py --split=S` ran (W/eval/predictions_S.csv)
-and E/N its export (`export.py`). Every row of predictions_S.csv names its raw file
-(`source`, relative to dataset.json's `source.images_dir`); the file is sent as bytes to
-`serving_default` (what a TF Serving client does) and the answer compared with
-evaluate's row: the decision, max |probability difference| over the classes, and the
-field circle with the one prepare finds (`preprocessing.process_image`, which wrote the
-training pixels). tests/test_serving_parity.py asserts it on a small synthetic run.
+and E/N its export (`export.py`); the defaults are what `make demo` leaves. Every row
+of predictions_S.csv names its raw file (`source`, relative to dataset.json's
+`source.images_dir`); the file is sent as bytes to `serving_default` (what a TF
+Serving client does) and the answer compared with evaluate's row: the decision, max
+|probability difference| over the classes, and the field circle with the one prepare
+finds (`preprocessing.process_image`, which wrote the training pixels). Then what
+skipping prepare's JPEG round trip would change. tests/test_serving_parity.py asserts
+the parity on a small synthetic run.
 
 On the Mexican fundus set (research data, ../shared/data/mexico_fundus), 2 CPU cores:
 
@@ -128,6 +131,11 @@ def round_trip_effect(workdir, split: str = "test") -> dict:
 
 def main(argv) -> None:
     del argv
+    for path in (pathlib.Path(FLAGS.workdir) / "eval" / f"predictions_{FLAGS.split}.csv",
+                 pathlib.Path(FLAGS.model) / "saved_model.pb"):
+        if not path.is_file():
+            raise app.UsageError(f"{path} not found: run `make demo` first, or pass --workdir "
+                                 "(evaluated) and --model (its export)")
     r = compare(FLAGS.workdir, FLAGS.model, FLAGS.split)
     print(f"served ({FLAGS.model}) vs evaluate.py (predictions_{FLAGS.split}.csv) on "
           f"{r['images']} raw images: decisions equal {r['decisions_equal']}/{r['images']} "
@@ -146,8 +154,8 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("workdir", None, "Training workdir with eval/predictions_<split>.csv.")
-    flags.DEFINE_string("model", None, "Exported version directory (E/N).")
+    flags.DEFINE_string("workdir", "demo_run", "Training workdir with "
+                        "eval/predictions_<split>.csv.")
+    flags.DEFINE_string("model", "demo_run/export/1", "Exported version directory (E/N).")
     flags.DEFINE_string("split", "test", "Split evaluate.py was run on.")
-    flags.mark_flags_as_required(["workdir", "model"])
     app.run(main)
