@@ -74,17 +74,24 @@ def _contains(b: tf.Tensor, pattern: bytes) -> tf.Tensor:
     return tf.reduce_any(hit)
 
 
+# (format, byte offset, magic): the one table of file signatures, used in the graph
+# (`image_format`) and on the host (`format_of`); the first match wins.
+MAGIC = ((_JPEG, 0, b"\xff\xd8\xff"), (_PNG, 0, b"\x89PNG\r\n\x1a\n"), (_GIF, 0, b"GIF8"),
+         (_BMP, 0, b"BM"), (_TIFF, 0, b"II*\x00"), (_TIFF, 0, b"MM\x00*"), (_WEBP, 8, b"WEBP"))
+GRAPH_FORMATS = ("JPEG", "PNG", "GIF", "BMP")  # what `decode` reads
+
+
+def format_of(data: bytes) -> str:
+    """FORMATS name of encoded bytes, from MAGIC (host side, no TF op)."""
+    return next((FORMATS[code] for code, at, magic in MAGIC
+                 if data[at:at + len(magic)] == magic), "unknown")
+
+
 def image_format(head: tf.Tensor) -> tf.Tensor:
-    """int32 index into FORMATS from the first bytes (int32 [>= 12])."""
-    def starts(*magic):
-        return tf.reduce_all(tf.stack([head[i] == v for i, v in enumerate(magic)]))
-    riff_webp = starts(*b"RIFF") & tf.reduce_all(tf.stack(
-        [head[8 + i] == v for i, v in enumerate(b"WEBP")]))
-    checks = [(_JPEG, starts(0xFF, 0xD8, 0xFF)), (_PNG, starts(*b"\x89PNG\r\n\x1a\n")),
-              (_GIF, starts(*b"GIF8")), (_BMP, starts(*b"BM")),
-              (_TIFF, starts(*b"II*\x00") | starts(*b"MM\x00*")), (_WEBP, riff_webp)]
+    """int32 index into FORMATS from the first bytes (uint8 [>= 16]), from MAGIC."""
     fmt = tf.constant(_UNKNOWN)
-    for code, hit in reversed(checks):
+    for code, at, magic in reversed(MAGIC):
+        hit = tf.reduce_all(tf.stack([head[at + i] == v for i, v in enumerate(magic)]))
         fmt = tf.where(hit, code, fmt)
     return fmt
 

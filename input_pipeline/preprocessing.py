@@ -787,9 +787,8 @@ def graph_bytes(data: bytes) -> tuple[bytes, str]:
     converts them exactly as it converts a PNG. Raises ImageError for data OpenCV
     cannot read either, or above the pixel cap (checked on the header first).
     """
-    head = image_decode.FORMATS[int(image_decode.image_format(
-        tf.pad(tf.cast(tf.io.decode_raw(data[:16], tf.uint8), tf.int32), [[0, 16]])))]
-    if head not in ("TIFF", "WebP") and (head != "unknown" or not data):
+    head = image_decode.format_of(data)
+    if head in image_decode.GRAPH_FORMATS or not data:
         return data, ""
     from PIL import Image  # header only: Image.open does not decode pixels
     try:

@@ -293,11 +293,32 @@ def test_rgba_with_white_transparent_border_equals_the_rgb_capture():
 # --------------------------------------------------------------------------- prepare = serving
 
 
-def test_served_pixels_are_the_training_pixels(tmp_path):
+def _exif_rotated_jpeg(img: np.ndarray) -> bytes:
+    """JPEG of img rotated 90 degrees clockwise, with EXIF orientation 8 undoing it."""
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(np.rot90(img, -1))).save(
+        buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def _rgba_white_border(img: np.ndarray) -> bytes:
+    alpha = np.where((img == 0).all(axis=2), 0, 255).astype(np.uint8)
+    rgba = np.dstack([img, alpha])
+    rgba[alpha == 0] = (255, 255, 255, 0)
+    return cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))[1].tobytes()
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "exif_rotated_jpeg", "rgba_white_border_png"])
+def test_served_pixels_are_the_training_pixels(tmp_path, kind):
     # prepare stores process_image's JPEG; training decodes it with pipeline.decode and
     # pipeline.preprocess_image. The serving graph must produce those exact floats.
-    data = encode(synthetic.render_fundus(np.random.default_rng(0), 300, wide=True), ".jpg")
-    path = tmp_path / "x.jpg"
+    img = synthetic.render_fundus(np.random.default_rng(0), 300, wide=True)
+    data = {"jpeg": lambda: encode(img, ".jpg"),
+            "exif_rotated_jpeg": lambda: _exif_rotated_jpeg(img),
+            "rgba_white_border_png": lambda: _rgba_white_border(img)}[kind]()
+    path = tmp_path / "x.img"
     path.write_bytes(data)
     _, info = pp.process_image(path, CFG)
     stored = pipeline.decode({"image_bytes": tf.constant(info["jpeg"])})["image"]
@@ -305,7 +326,9 @@ def test_served_pixels_are_the_training_pixels(tmp_path):
     pixels, status = pp.serving_batch(tf.constant([data]), CFG)
     np.testing.assert_array_equal(pixels[0].numpy(), training)
     np.testing.assert_allclose(status["circle"][0], info["circle"], atol=0.05)
-    assert bool(status["gradable"][0]) == info["gradable"]
+    assert bool(status["gradable"][0]) == info["gradable"] == True  # noqa: E712
+    # The field is where it is in the upright photograph (EXIF applied, border black).
+    np.testing.assert_allclose(info["circle"], synthetic.field_circle(300, wide=True), atol=3.0)
 
 
 def test_one_bad_image_does_not_fail_the_batch():
