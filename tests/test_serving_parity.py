@@ -42,5 +42,5 @@ def test_served_model_on_raw_files_equals_evaluate(run):
     assert r["images"] >= 15 and r["ok"] == r["images"]
     assert r["decisions_equal"] == r["images"], r["differences"]
     assert r["max_prob_diff"] < 1e-4  # same pixels by construction: float noise only
-    assert r["max_circle_diff"] < 0.05  # the same field detection (rounding of 0.1 px)
+    assert r["max_circle_diff"] <= 0.051  # same detection; prepare rounds circles to 0.1 px
     assert r["gradable"] == r["images"]  # every demo-like photograph is gradable
