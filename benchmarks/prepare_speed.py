@@ -134,7 +134,7 @@ def mexico_success(mexico_dir: pathlib.Path) -> list[pathlib.Path]:
         print(f"\n{mexico_dir} absent: find_fundus success rate skipped")
         return []
     paths = [mexico_dir / p for p in pd.read_csv(labels)["image"]]
-    process = pp._process_fn(pp.PreprocessConfig(image_size=FLAGS.image_size))
+    process = pp.process_fn(pp.PreprocessConfig(image_size=FLAGS.image_size))
     failed, ungradable, seconds, darkest = [], 0, 0.0, (256.0, paths[0])
     for path in paths:
         data = tf.constant(path.read_bytes())

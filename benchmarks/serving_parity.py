@@ -112,7 +112,7 @@ def round_trip_effect(workdir, split: str = "test") -> dict:
     for source in rows["source"]:
         data = preprocessing.graph_bytes(
             (pathlib.Path(info["source"]["images_dir"]) / source).read_bytes())[0]
-        image = preprocessing.process(tf.constant(data), spec.preprocess)["image"]
+        image = preprocessing.process_fn(spec.preprocess)(tf.constant(data))["image"]
         pixels["jpeg"].append(preprocessing.model_pixels(image, spec.preprocess).numpy())
         pixels["raw"].append(preprocessing.model_pixels(image, raw).numpy())
     x = {k: np.stack(v) for k, v in pixels.items()}

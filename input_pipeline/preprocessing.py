@@ -809,7 +809,9 @@ def graph_bytes(data: bytes) -> tuple[bytes, str]:
 
 
 @functools.lru_cache(maxsize=8)
-def _process_fn(config: PreprocessConfig):
+def process_fn(config: PreprocessConfig):
+    """`process` plus the stored JPEG ("jpeg") as a tf.function of tf.string [] (traced once
+    per config: tracing the whole graph costs seconds)."""
     def fn(image_bytes):
         out = process(image_bytes, config)
         return {**out, "jpeg": stored_jpeg(out["image"], config)}
@@ -830,7 +832,7 @@ def process_bytes(data: bytes, config: PreprocessConfig) -> tuple[np.ndarray, by
         no field of view ("no fundus field found").
     """
     data, transcoded = graph_bytes(data)
-    out = {k: v.numpy() for k, v in _process_fn(config)(tf.constant(data)).items()}
+    out = {k: v.numpy() for k, v in process_fn(config)(tf.constant(data)).items()}
     text = {k: out[k].decode() for k in ("error", "quality", "format", "conversions")}
     if not out["ok"]:
         raise ImageError(text["error"])

@@ -20,7 +20,7 @@ CFG = pp.PreprocessConfig(image_size=64, model_image_size=32)
 FIND = tf.function(pp.find_fundus, input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
 DECODE = tf.function(lambda b: image_decode.decode(b, 64),
                      input_signature=[tf.TensorSpec([], tf.string)])
-PROCESS = pp._process_fn(CFG)
+PROCESS = pp.process_fn(CFG)
 
 
 def disc_image(h: int, w: int, circle, color=ORANGE) -> np.ndarray:
