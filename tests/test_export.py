@@ -154,7 +154,7 @@ def test_loads_in_plain_python_without_the_project(exported, tmp_path):
     done = subprocess.run([sys.executable, "-I", "-c", code, str(exported), str(image)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert ("['class_names', 'error', 'field_circle', 'grade', 'gradable', 'ok', "
+    assert ("['class_names', 'error', 'field_circle', 'gradable', 'grade', 'ok', "
             "'probabilities', 'quality'] (1, 5)") in done.stdout
 
 
