@@ -1,4 +1,4 @@
-"""Speed of prepare's per-image work (`preprocessing.process_image`) on one core.
+"""Speed of prepare's per-image work (`preprocessing.process_image`, TF) on one core.
 
     python -m benchmarks.prepare_speed [--num_files=200] [--image_size=512]
 
@@ -11,7 +11,8 @@ machine hits both alike. Images/s is reported by wall clock and by the
 process's CPU time (the per-core rate when the machine is shared).
 
 When ../shared/data/mexico_fundus is present, it also reports the share of
-those 1548 photographs in which `find_fundus` finds the field.
+those 1548 photographs in which `find_fundus` finds the field, and how many are
+gradable.
 """
 
 import pathlib
@@ -24,9 +25,11 @@ import time
 import cv2
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 from absl import app, flags
 from PIL import Image
 
+from input_pipeline import image_decode
 from input_pipeline import preprocessing as pp
 
 FLAGS = flags.FLAGS
@@ -124,25 +127,28 @@ def speed_table(files: list[str], image_size: int, rounds: int) -> pd.DataFrame:
 
 
 def mexico_success(mexico_dir: pathlib.Path) -> list[pathlib.Path]:
-    """Prints the share of the Mexican photographs where find_fundus finds a field;
-    returns the darkest one's path (or [] when the set is absent)."""
+    """Prints the share of the Mexican photographs where find_fundus finds a field (and
+    that are gradable); returns the darkest one's path (or [] when the set is absent)."""
     labels = mexico_dir / "labels.csv"
     if not labels.is_file():
         print(f"\n{mexico_dir} absent: find_fundus success rate skipped")
         return []
     paths = [mexico_dir / p for p in pd.read_csv(labels)["image"]]
-    failed, seconds, darkest = [], 0.0, (256.0, paths[0])
+    process = pp.process_fn(pp.PreprocessConfig(image_size=FLAGS.image_size))
+    failed, ungradable, seconds, darkest = [], 0, 0.0, (256.0, paths[0])
     for path in paths:
-        img = pp.read_image(path)
+        data = tf.constant(path.read_bytes())
         t0 = time.perf_counter()
-        circle = pp.find_fundus(img)
+        out = process(data)
         seconds += time.perf_counter() - t0
-        if circle is None:
+        if not out["field_found"]:
             failed.append(path.name)
-        darkest = min(darkest, (float(img.mean()), path))
+        ungradable += not bool(out["gradable"])
+        darkest = min(darkest, (float(out["mean_brightness"]), path))
     found = len(paths) - len(failed)
     print(f"\nfind_fundus on {mexico_dir}: {found}/{len(paths)} = {found / len(paths):.1%} "
-          f"found, {1e3 * seconds / len(paths):.1f} ms/image (wall); failed: {failed[:10]}")
+          f"found, {len(paths) - ungradable} gradable, {1e3 * seconds / len(paths):.1f} ms/image "
+          f"(wall, whole process); failed: {failed[:10]}")
     return [darkest[1]]
 
 
@@ -151,17 +157,19 @@ def save_crop_examples(paths: list[pathlib.Path], out: str, height: int = 384) -
     (brightness stretched per image for viewing)."""
     rows = []
     for path in paths:
-        img = pp.read_image(path, height)
-        circle = pp.find_fundus(img)
+        img = image_decode.decode(tf.constant(path.read_bytes()), height)["image"]
+        circle, _ = pp.find_fundus(img)
+        crop = pp.resize(pp.crop_fundus(img, circle), height).numpy()
+        img, (cx, cy, r) = img.numpy(), circle.numpy()
         # For viewing only: stretch dark captures so that the 99th percentile is white.
-        img = cv2.convertScaleAbs(img, alpha=255 / max(np.percentile(img, 99), 1))
-        shown = img.copy()
-        thickness = max(1, img.shape[0] // 150)
-        cv2.circle(shown, (round(circle.cx), round(circle.cy)), round(circle.r), (0, 255, 0),
-                   thickness)
-        shown = pp.resize(shown, (height, round(img.shape[1] * height / img.shape[0])))
-        rows.append(np.concatenate([shown, pp.resize(pp.crop_fundus(img, circle), height)], 1))
-        print(f"crop example {path.name}: circle {tuple(round(v, 1) for v in circle)} "
+        stretch = 255 / max(np.percentile(img, 99), 1)
+        img = cv2.convertScaleAbs(img, alpha=stretch)
+        crop = cv2.convertScaleAbs(crop, alpha=stretch)
+        cv2.circle(img, (round(cx), round(cy)), round(r), (0, 255, 0), max(1, img.shape[0] // 150))
+        shown = cv2.resize(img, (round(img.shape[1] * height / img.shape[0]), height),
+                           interpolation=cv2.INTER_AREA)
+        rows.append(np.concatenate([shown, crop], 1))
+        print(f"crop example {path.name}: circle {(round(cx, 1), round(cy, 1), round(r, 1))} "
               f"in a {img.shape[1]}x{img.shape[0]} decode")
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
@@ -171,13 +179,15 @@ def save_crop_examples(paths: list[pathlib.Path], out: str, height: int = 384) -
 
 def main(argv) -> None:
     del argv
-    cv2.setNumThreads(1)  # one core, as one prepare worker
+    # One core: CPU time per image is the per-core rate whatever else runs.
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
     bench_dir = pathlib.Path(FLAGS.bench_dir)
     photos = find_photographs(fetch_sdist(bench_dir))
     sizes = sorted({Image.open(p).size for p in photos})
     files = replicate(photos, bench_dir / "replicas", FLAGS.num_files)
     print(f"{len(photos)} photographs {sizes} -> {len(files)} files; process_image at "
-          f"{FLAGS.image_size} px (crop=fundus), one process, cv2.setNumThreads(1)")
+          f"{FLAGS.image_size} px (crop=fundus), one process, TF intra/inter-op threads 1")
     table = speed_table(files, FLAGS.image_size, FLAGS.rounds)
     with pd.option_context("display.float_format", "{:.2f}".format, "display.width", 120):
         print(table)

@@ -216,7 +216,7 @@ def check_compatible(info: dict, data_dir: str, image_size: int) -> dict:
     recorded by prepare must be what the served graph applies (crop, CLAHE, Ben Graham,
     prepared size); otherwise ValueError naming the differences.
     """
-    from input_pipeline import serving
+    from input_pipeline import preprocessing
 
     path = pathlib.Path(data_dir) / "dataset.json"
     if not path.is_file():
@@ -228,8 +228,8 @@ def check_compatible(info: dict, data_dir: str, image_size: int) -> dict:
     if theirs != names:
         raise ValueError(f"{path}: {len(theirs)} classes {theirs}, the model has {len(names)} "
                          f"{names}; prepare the external set with the model's classes")
-    mine = serving.ServingConfig.from_dataset_info(info, image_size).to_json()
-    yours = serving.ServingConfig.from_dataset_info(other, image_size).to_json()
+    mine = preprocessing.PreprocessConfig.from_dataset_info(info, image_size).to_json()
+    yours = preprocessing.PreprocessConfig.from_dataset_info(other, image_size).to_json()
     diff = {k: (mine[k], yours.get(k)) for k in mine if mine[k] != yours.get(k)}
     if diff:
         shown = ", ".join(f"{k}: model {a!r} vs {b!r}" for k, (a, b) in diff.items())

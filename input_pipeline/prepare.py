@@ -7,6 +7,8 @@ Writes into --out_dir:
   {train,val,test}-{i:05d}-of-{n:05d}.tfrecord   (features.py spec, JPEG images)
   dataset.json    (schema in docs/ARCHITECTURE.md)
   rejected.csv    (row,path,reason: every row that was not written, and why)
+  conversions.csv (row,path,conversions: rows whose image was converted, e.g.
+                   "exif_orientation;16bit->8bit", see input_pipeline/image_decode.py)
   .state/         (resume bookkeeping: plan fingerprint + one sidecar per finished shard)
 
 How it works:
@@ -15,12 +17,13 @@ How it works:
 2. The plan (rejections known from the table, groups, split, shard and write
    order of every row, upsampled copies) is computed up front and is a pure
    function of the CSV, the flags and --seed.
-3. Images stream through a process pool (spawn: workers never import
-   TensorFlow) that returns JPEG bytes; the main process serialises and writes
-   one shard at a time to `<shard>.fundusflow-partial`, renames it when complete
-   and then writes `.state/<shard>.json`. Memory is bounded by one shard, not by
-   the dataset; --workers (default: auto) is bounded by CPUs and by available
-   memory / WORKER_MEMORY_BYTES.
+3. Images stream through a thread pool running `preprocessing.process_image`
+   (the TF pre-processing the exported model runs too; TF ops release the GIL)
+   that returns JPEG bytes; the main process serialises and writes one shard at a
+   time to `<shard>.fundusflow-partial`, renames it when complete and then writes
+   `.state/<shard>.json`. Memory is bounded by one shard, not by the dataset;
+   --workers (default: auto) is bounded by CPUs and by available memory /
+   WORKER_MEMORY_BYTES.
 4. A re-run with the same plan skips finished shards and redoes the others, so
    a run killed at any point and re-run gives byte-identical shards. An out_dir
    holding shards of another plan (or shards with no .state record) is refused
@@ -47,16 +50,15 @@ rows per CSV line, left eye first).
 """
 
 import collections
+import concurrent.futures
 import csv
 import dataclasses
 import errno
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import sys
-import threading
 import time
 
 import numpy as np
@@ -67,16 +69,15 @@ from tqdm import tqdm
 from input_pipeline import modality as modality_lib
 from input_pipeline import preprocessing, sources, splits
 
-# NOTE: tensorflow (and features.py, which imports it) is imported only inside the
-# writer functions: spawned workers re-import this module and must stay TF-free.
-
 CROPS = ("fundus", "none")
-CLAHES = ("none", "green", "lab")
+# No "lab": the one pre-processing (also run inside the exported model) has
+# green-channel CLAHE only.
+CLAHES = ("none", "green")
 BALANCES = ("none", "upsample")
 STATE_DIR = ".state"
 TMP_SUFFIX = sources.TMP_SUFFIX
 SHARD_NAME = re.compile(r"(train|val|test)-\d{5}-of-\d{5}\.tfrecord")
-OUTPUT_FILES = ("dataset.json", "rejected.csv")
+OUTPUT_FILES = ("dataset.json", "rejected.csv", "conversions.csv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -533,74 +534,53 @@ def make_plan(cfg: PrepareConfig, source: sources.Source) -> Plan:
 
 # ----------------------------------------------------------------------------- workers
 
-_WORKER_CONFIG: preprocessing.PreprocessConfig | None = None
-
-
-def _init_worker(config: preprocessing.PreprocessConfig) -> None:
-    global _WORKER_CONFIG
-    _WORKER_CONFIG = config
-    try:  # OpenCV's own threads would oversubscribe the cores next to our processes
-        import cv2
-
-        cv2.setNumThreads(1)
-    except ImportError:
-        pass
-
-
-def _encode_row(task: tuple[int, str]) -> tuple[int, bytes | None, str | None, dict]:
+def _encode_row(task: tuple[int, str], config: preprocessing.PreprocessConfig
+                ) -> tuple[int, bytes | None, str | None, dict]:
     """(row, path) -> (row, JPEG bytes or None, rejection reason or None, info)."""
     row, path = task
     try:
-        img, info = preprocessing.process_image(path, _WORKER_CONFIG)
-        data = preprocessing.encode_jpeg(img, _WORKER_CONFIG.jpeg_quality)
+        img, info = preprocessing.process_image(path, config)
     except preprocessing.ImageError as e:
         return row, None, e.reason, {}
     except Exception as e:  # noqa: BLE001 - one bad file must not stop 88k others
         return row, None, f"unexpected error: {type(e).__name__}: {e}", {}
+    data = info.pop("jpeg")
     info = {k: v for k, v in info.items() if isinstance(v, bool | int | float | str)}
     info.update(height=int(img.shape[0]), width=int(img.shape[1]))
     return row, data, None, info
 
 
 class _Encoder:
-    """Ordered stream of encoded rows, from a spawn pool or in-process.
+    """Ordered stream of encoded rows, from a thread pool or in-thread.
 
-    Pool.imap has no back-pressure: it would queue every task at once and buffer
-    every finished result behind one slow image. A semaphore bounds the rows in
-    flight (taken when a task is handed out, given back when its result is read),
-    so memory does not grow with the dataset.
+    At most workers * 4 rows are in flight (submitted, not yet consumed), so
+    memory does not grow with the dataset; each decode is bounded by the caps of
+    `image_decode` (pixels and decoded bytes).
     """
 
-    CHUNKSIZE = 4
+    DEPTH = 4
 
     def __init__(self, cfg: PrepareConfig, tasks: list):
         config = preprocess_config(cfg)
         self.pool = None
         if cfg.workers > 1:
-            self.in_flight = threading.Semaphore(cfg.workers * self.CHUNKSIZE * 4)
-            ctx = multiprocessing.get_context("spawn")
-            self.pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(config,))
-            self.results = self._released(
-                    self.pool.imap(_encode_row, self._bounded(tasks), self.CHUNKSIZE))
+            self.pool = concurrent.futures.ThreadPoolExecutor(cfg.workers)
+            self.results = self._ordered(tasks, config, cfg.workers * self.DEPTH)
         else:
-            _init_worker(config)
-            self.results = map(_encode_row, tasks)
+            self.results = (_encode_row(task, config) for task in tasks)
 
-    def _bounded(self, tasks):
+    def _ordered(self, tasks, config, depth: int):
+        pending = collections.deque()
         for task in tasks:
-            self.in_flight.acquire()
-            yield task
-
-    def _released(self, results):
-        for result in results:
-            self.in_flight.release()
-            yield result
+            pending.append(self.pool.submit(_encode_row, task, config))
+            if len(pending) >= depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
     def close(self):
         if self.pool is not None:
-            self.in_flight.release(1 << 20)  # unblock the task feeder so terminate can join it
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -686,7 +666,7 @@ def _write_shard(cfg: PrepareConfig, plan: Plan, shard: Shard, results, progress
 
     from input_pipeline import features
 
-    encoded, rejected, quality = {}, [], collections.Counter()
+    encoded, rejected, quality, conversions = {}, [], collections.Counter(), {}
     for _ in range(len(shard.unique_rows())):
         row, data, reason, info = next(results)
         progress.update(1)
@@ -695,6 +675,8 @@ def _write_shard(cfg: PrepareConfig, plan: Plan, shard: Shard, results, progress
             continue
         encoded[row] = (data, info)
         quality.update(k for k, v in info.items() if k.startswith("quality_") and v is True)
+        if info.get("converted"):
+            conversions[str(row)] = info["converted"]
     path = os.path.join(cfg.out_dir, shard.name)
     t = plan.table
     num_records = 0
@@ -714,6 +696,7 @@ def _write_shard(cfg: PrepareConfig, plan: Plan, shard: Shard, results, progress
     os.replace(path + TMP_SUFFIX, path)
     state = {"written": sorted(encoded), "rejected": sorted(rejected),
              "num_records": num_records, "quality": dict(sorted(quality.items())),
+             "conversions": conversions,
              "size": os.path.getsize(path)}
     _write_json(_state_path(cfg.out_dir, shard.name), state)
     return state
@@ -786,6 +769,9 @@ def summarize(cfg: PrepareConfig, source: sources.Source, plan: Plan,
     quality = collections.Counter()
     for s in states.values():
         quality.update(s["quality"])
+    converted = _conversions(plan, states)
+    conversion_counts = collections.Counter(c for _, _, names in converted
+                                            for c in names.split(";"))
     reasons = collections.Counter(_reason_kind(reason) for _, _, reason in rejected)
     return {
             "task": cfg.task,
@@ -817,6 +803,8 @@ def summarize(cfg: PrepareConfig, source: sources.Source, plan: Plan,
             "label_encoding": {"positive_threshold": cfg.positive_threshold,
                                "label_map": sources.parse_label_map(cfg.label_map)},
             "quality_flags": dict(sorted(quality.items())),
+            # Images converted on decoding, per conversion (rows in conversions.csv).
+            "conversions": dict(sorted(conversion_counts.items())),
             "quality_thresholds": {"dark_threshold": cfg.dark_threshold,
                                    "small_field_fraction": cfg.small_field_fraction,
                                    "small_field_pixels": cfg.small_field_pixels},
@@ -830,12 +818,20 @@ def summarize(cfg: PrepareConfig, source: sources.Source, plan: Plan,
     }
 
 
-def _write_rejected(path: str, rejected: list[tuple[int, str, str]]) -> None:
+def _conversions(plan: Plan, states: dict[str, dict]) -> list[tuple[int, str, str]]:
+    """(row, path, ";"-joined conversions) of every written row whose image was converted."""
+    t = plan.table
+    rows = {int(r): names for s in states.values()
+            for r, names in s.get("conversions", {}).items()}
+    return [(r, t.at[r, "path"], rows[r]) for r in sorted(rows)]
+
+
+def _write_csv(path: str, header: list[str], rows: list[tuple]) -> None:
     tmp = path + TMP_SUFFIX
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["row", "path", "reason"])
-        writer.writerows(rejected)
+        writer.writerow(header)
+        writer.writerows(rows)
     os.replace(tmp, path)
 
 
@@ -859,7 +855,10 @@ def run(cfg: PrepareConfig) -> dict:
     states = write_shards(cfg, plan)
     now = time.perf_counter()
     summary = summarize(cfg, source, plan, states, now - start, now - write_start)
-    _write_rejected(os.path.join(cfg.out_dir, "rejected.csv"), _rejections(plan, states))
+    _write_csv(os.path.join(cfg.out_dir, "rejected.csv"), ["row", "path", "reason"],
+               _rejections(plan, states))
+    _write_csv(os.path.join(cfg.out_dir, "conversions.csv"), ["row", "path", "conversions"],
+               _conversions(plan, states))
     _write_json(os.path.join(cfg.out_dir, "dataset.json"), summary)
     return summary
 
@@ -889,7 +888,7 @@ def define_flags() -> None:
     flags.DEFINE_string("modality", None, "fundus | oct | other: recorded in dataset.json, "
                         "sets the augmentation defaults; default: fundus for --crop=fundus, "
                         "else other.")
-    flags.DEFINE_string("clahe", "none", "none | green | lab.")
+    flags.DEFINE_string("clahe", "none", "none | green (CLAHE on the green channel).")
     flags.DEFINE_bool("ben_graham", False, "Ben Graham local-colour normalisation.")
     flags.DEFINE_float("ben_graham_sigma", 10.0, "Ben Graham blur sigma at 512 px.")
     flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality of the written images.")
@@ -907,7 +906,7 @@ def define_flags() -> None:
     flags.DEFINE_string("balance", "none", "none | upsample (train split only).")
     flags.DEFINE_integer("num_shards", 0, "Total shards over all splits; 0: auto.")
     flags.DEFINE_integer("examples_per_shard", 1024, "Shard size when --num_shards=0.")
-    flags.DEFINE_integer("workers", 0, "Decode/encode processes; 0: auto, min(CPUs, "
+    flags.DEFINE_integer("workers", 0, "Decode/encode threads; 0: auto, min(CPUs, "
                          "available memory / 1.5 GiB).")
     flags.DEFINE_integer("seed", 0, "Seed of the split and the shard order.")
     flags.DEFINE_bool("overwrite", False, "Replace the output of a different plan in --out_dir.")
@@ -917,7 +916,7 @@ def _workers(flag: int) -> int:
     if flag:
         return flag
     workers = default_workers()
-    logging.info("--workers=0: using %d worker processes (CPUs, available memory %s)",
+    logging.info("--workers=0: using %d worker threads (CPUs, available memory %s)",
                  workers, available_memory())
     return workers
 

@@ -1,52 +1,68 @@
-"""Pre-processing of fundus photographs with numpy and OpenCV (no TensorFlow).
+"""THE pre-processing of fundus photographs, in TensorFlow ops: raw bytes -> model pixels.
 
-`prepare.py` calls `process_image` once per row in spawned worker processes, so
-this module stays light: numpy, OpenCV and Pillow (header parsing only).
+One implementation serves both ends, so training and served pixels agree by
+construction, not by tolerance:
 
-Stages of `process_image`, each a pure function unit-tested on small arrays:
-  read_image   safe decode (bad files raise ImageError), reduced-scale JPEG
-               decode, 16-bit / alpha / grayscale conversion to RGB uint8
-  find_fundus  circle of the camera's field of view (robust to dark captures,
-               wide frames with black borders and circles clipped by the frame)
-  crop_fundus  bounding square of that circle, zero-padded where clipped
-  resize       INTER_AREA down, INTER_CUBIC up
-  apply_clahe  CLAHE on the green channel or on L of LAB
-  ben_graham   local-average colour subtraction (Kaggle DR 2015)
-  quality_flags  too-dark / small-field flags, recorded and never rejecting
+- `prepare` calls `process_image` (a `tf.function` of `process`) on each file and
+  stores `encode_jpeg` of its output in the TFRecords;
+- the exported SavedModel calls `serving_batch` (the same `process`, then the
+  same JPEG round trip, then `pipeline.preprocess_image`) inside its signature:
+  pure TF, so TF Serving runs it without Python.
 
-Coordinates follow OpenCV: x is the column, y the row, pixel centres at
-integer positions.
+Stages of `process`, each a pure function of tensors (traceable in
+`tf.function`, `Dataset.map` and a SavedModel signature):
+
+    image_decode.decode   checks from the header (format, size caps, JPEG marker
+                          structure), reduced-scale JPEG decode, EXIF orientation,
+                          16-bit / alpha / grayscale -> 8-bit RGB
+    find_fundus           circle of the camera's field of view
+    crop_fundus           its bounding square, zero-padded where the frame clips it
+    resize                area average down, bicubic up, rounded to uint8
+    clahe / ben_graham    optional enhancement (green-channel CLAHE bit-exact with OpenCV)
+    quality               gradability: no_fundus_field, too_dark, small_field
+
+Formats TF cannot decode (TIFF, WebP, ...) are transcoded losslessly to PNG by
+`graph_bytes` on the host (OpenCV), in prepare and in predict alike; the graph
+itself answers them with an error naming the format.
+
+Coordinates: x is the column, y the row, pixel centres at integer positions.
 """
 
 import dataclasses
+import functools
 import io
 import math
 import pathlib
-import warnings
-from typing import NamedTuple
 
 import cv2
 import numpy as np
-from PIL import Image
+import tensorflow as tf
 
-# Pillow refuses images above 2 * MAX_IMAGE_PIXELS by itself; our own limit is
-# lower and gives a clear reason, so Pillow's warning is silenced in _header.
-MAX_MEGAPIXELS = 60.0
-# libjpeg can decode at 1/2, 1/4 and 1/8 scale almost for free (it skips the
-# high-frequency DCT work), which is most of the decode time of large photos.
-_REDUCED_FLAGS = {
-    1: cv2.IMREAD_COLOR,
-    2: cv2.IMREAD_REDUCED_COLOR_2,
-    4: cv2.IMREAD_REDUCED_COLOR_4,
-    8: cv2.IMREAD_REDUCED_COLOR_8,
-}
-# The field is detected on a copy whose longer side is at most this (speed).
-_DETECT_MAX_SIDE = 512
+from input_pipeline import image_decode, pipeline
+
+# Field detection: on a copy whose long side is at most DETECT_MAX_SIDE, the max
+# over channels is median-filtered, thresholded just above the black border's
+# noise, and a circle is fitted (Kasa least squares, robustly re-weighted) to
+# the outline of the foreground, leaving out pixels on the frame (where the
+# frame, not the field, clips it); then refined on radial profiles.
+# 256 px: 4x cheaper than 512 (the median filter dominates), and the rim
+# refinement is sub-pixel anyway (~3 px of a 3504 px photograph).
+DETECT_MAX_SIDE = 256
+MIN_FIELD_FRACTION = 0.1  # smallest plausible field area / image area
+_FIT_ITERATIONS = 4
+_MIN_POINTS = 8
+# Below this share of outline points on the fitted circle, the threshold
+# probably caught a grey letterbox or frame around the field, not a circle.
+_MIN_INLIERS = 0.25
+# Rim refinement along radial profiles, in units of the coarse radius.
+_RAYS = 360
+_INNER, _SEARCH, _OUTER = (0.80, 0.92), (0.92, 1.08), (1.08, 1.20)
 # Quality thresholds: mean luma (0..255) inside the field, and field diameter
 # relative to the shorter image side / in original pixels.
 DARK_MEAN_THRESHOLD = 20.0
 SMALL_FIELD_FRACTION = 0.5
 SMALL_FIELD_PIXELS = 224.0
+QUALITY_REASONS = ("no_fundus_field", "too_dark", "small_field")
 
 
 class ImageError(Exception):
@@ -59,611 +75,799 @@ class ImageError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class PreprocessConfig:
-    """Every parameter that changes the written pixels (recorded in dataset.json)."""
+    """Every parameter that changes the pixels (recorded in dataset.json).
 
-    image_size: int = 512
+    `model_image_size` is the served model's input size (export only; prepare
+    leaves it None).
+    """
+
+    image_size: int = 512  # prepare's square output (dataset.json "image_size")
     crop: str = "fundus"  # "fundus" | "none"
-    clahe: str | None = None  # None | "green" | "lab"
-    ben_graham: bool = False
-    ben_graham_sigma: float = 10.0  # at 512 px; scaled with image_size
-    jpeg_quality: int = 95
+    clahe: str | None = None  # None | "green"
     clahe_clip_limit: float = 2.0
     clahe_tile_grid: int = 8
+    ben_graham: bool = False
+    ben_graham_sigma: float = 10.0  # at 512 px; scaled with image_size
+    jpeg_quality: int = 95  # prepare stores JPEGs; serving repeats the round trip
     reduced_decode: bool = True  # JPEG DCT-domain downscale when image_size allows
-    # Quality flags (recorded, never rejecting): see quality_flags.
+    # Quality checks (gradability; prepare records them, serving returns them).
     dark_threshold: float = DARK_MEAN_THRESHOLD
     small_field_fraction: float = SMALL_FIELD_FRACTION
     small_field_pixels: float = SMALL_FIELD_PIXELS
+    model_image_size: int | None = None
 
+    def __post_init__(self):
+        if self.crop not in ("fundus", "none"):
+            raise ValueError(f"Unknown crop {self.crop!r}; expected 'fundus' or 'none'")
+        if self.clahe not in (None, "green"):
+            raise ValueError(
+                f"CLAHE {self.clahe!r} is not available: the one pre-processing (shared by "
+                "prepare and the export graph) has green-channel CLAHE only (--clahe=green)")
 
-class Circle(NamedTuple):
-    """Field of view: centre (cx, cy) and radius r, in pixels of the analysed image."""
+    @classmethod
+    def from_dataset_info(cls, dataset_info: dict,
+                          model_image_size: int | None = None) -> "PreprocessConfig":
+        """The config prepare recorded in dataset.json; ValueError for what it cannot redo
+        (CLAHE on L of LAB, from datasets prepared before it was dropped)."""
+        pp = dataset_info.get("preprocessing", {}) or {}
+        thresholds = dataset_info.get("quality_thresholds", {}) or {}
+        fields = {f.name: f.default for f in dataclasses.fields(cls)}
+        pick = {k: type(fields[k])(v) for k, v in {**pp, **thresholds}.items()
+                if k in fields and v is not None and fields[k] is not None}
+        return cls(**{**pick, "image_size": int(dataset_info.get("image_size",
+                                                                  model_image_size)),
+                      "crop": pp.get("crop") or "none", "clahe": pp.get("clahe"),
+                      "model_image_size": model_image_size})
 
-    cx: float
-    cy: float
-    r: float
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-def _read_bytes(path) -> bytes:
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ImageError("file not found")
-    data = path.read_bytes()
-    if not data:
-        raise ImageError("empty file (0 bytes)")
-    return data
-
-
-def _header(data: bytes) -> tuple[str, tuple[int, int], str]:
-    """(format, (width, height), mode) parsed from the header only (Pillow is lazy:
-    no pixel is decoded here); raises ImageError."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                # MPO: JPEG with extra frames (stereo / preview), as some cameras write.
-                fmt = "JPEG" if im.format == "MPO" else im.format or ""
-                return fmt, im.size, im.mode
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"image too large to decode safely (> {MAX_MEGAPIXELS:g} MP)") from e
-    except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError("not an image (unrecognised format)") from e
-
-
-def _check_complete(fmt: str, data: bytes) -> None:
-    """Rejects truncated files, which OpenCV would decode as a part-grey image."""
-    if fmt == "JPEG":
-        # FFD9 cannot occur inside entropy-coded data (0xFF is byte-stuffed),
-        # so its absence near the end means the file was cut. Some writers pad
-        # after EOI, hence the search window instead of endswith().
-        if data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) < 0:
-            raise ImageError("truncated JPEG (no end-of-image marker)")
-    elif fmt == "PNG":
-        if data.rfind(b"IEND", max(0, len(data) - 64)) < 0:
-            raise ImageError("truncated PNG (no IEND chunk)")
-
-
-def reduced_scale(size: tuple[int, int], target_size: int | None) -> int:
-    """Largest JPEG DCT scale in {1, 2, 4, 8} keeping the shorter side >= target_size.
-
-    Args:
-      size: (width, height) of the full-resolution image.
-      target_size: output side in pixels; None means full resolution (1).
-    """
-    if not target_size:
-        return 1
-    short = min(size)
-    for scale in (8, 4, 2):
-        if math.ceil(short / scale) >= target_size:
-            return scale
-    return 1
-
-
-def _to_uint8(img: np.ndarray) -> np.ndarray:
-    """Rescales uint16 [0, 65535] to uint8 [0, 255] with rounding (not truncation)."""
-    if img.dtype == np.uint8:
-        return img
-    if img.dtype == np.uint16:
-        return ((img.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    raise ImageError(f"unsupported pixel type {img.dtype}")
-
-
-def _composite_on_black(img: np.ndarray) -> np.ndarray:
-    """[H, W, C + 1] colour + alpha (uint8 or uint16) -> [H, W, C] of the same dtype,
-    colour * alpha / max, rounded."""
-    max_value = np.iinfo(img.dtype).max
-    alpha = img[..., -1:].astype(np.uint64)
-    colour = img[..., :-1].astype(np.uint64)
-    return ((colour * alpha + max_value // 2) // max_value).astype(img.dtype)
-
-
-def _to_rgb(img: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Any OpenCV decode (gray / gray+alpha / BGR / BGRA, uint8 / uint16) -> RGB uint8,
-    and notes on what was converted."""
-    notes = []
-    if img.ndim == 3 and img.shape[2] in (2, 4):
-        img = _composite_on_black(img)
-        notes.append("alpha->black")
-    if img.dtype != np.uint8:
-        notes.append(f"{8 * img.dtype.itemsize}bit->8bit")
-        img = _to_uint8(img)
-    if img.ndim == 2 or img.shape[2] == 1:
-        notes.append("gray->rgb")
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB), notes
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB), notes
-
-
-def read_image_with_info(path, target_size: int | None = None) -> tuple[np.ndarray, dict]:
-    """`read_image` plus what was done: see `read_image`.
-
-    Returns:
-      (uint8 RGB [H', W', 3], info) with info keys `original_size` [H, W] (full
-      resolution), `decode_scale` (1, 2, 4 or 8: H' ~= H / scale), `format`,
-      `converted` (comma-separated notes such as "16bit->8bit,alpha->black", or "").
-    """
-    data = _read_bytes(path)
-    fmt, (width, height), mode = _header(data)
-    if width * height > MAX_MEGAPIXELS * 1e6:
-        raise ImageError(f"image too large to decode safely (> {MAX_MEGAPIXELS:g} MP)")
-    _check_complete(fmt, data)
-    scale = reduced_scale((width, height), target_size) if fmt == "JPEG" else 1
-    img, notes = _decode(data, fmt, mode, scale)
-    info = {"original_size": [height, width], "decode_scale": scale, "format": fmt,
-            "converted": ",".join(notes)}
-    return np.ascontiguousarray(img), info
-
-
-_MODE_NOTES = {"1": "gray->rgb", "L": "gray->rgb", "LA": "gray->rgb", "I": "gray->rgb",
-               "P": "palette->rgb", "PA": "palette->rgb", "CMYK": "cmyk->rgb"}
-
-
-def _decode(data: bytes, fmt: str, mode: str, scale: int) -> tuple[np.ndarray, list[str]]:
-    """Decodes with OpenCV: uint8 RGB [H / scale, W / scale, 3] and conversion notes."""
-    buf = np.frombuffer(data, np.uint8)
-    try:
-        if fmt == "JPEG":
-            # 8-bit only; OpenCV converts gray and CMYK JPEGs to 3 channels itself.
-            img, notes = cv2.imdecode(buf, _REDUCED_FLAGS[scale]), []
-            if img is not None:
-                img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        else:
-            img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-            if img is not None:
-                img, notes = _to_rgb(img)
-    except cv2.error as e:
-        raise ImageError(f"could not decode {fmt or 'image'} data") from e
-    if img is None or img.size == 0:
-        raise ImageError(f"could not decode {fmt or 'image'} data")
-    # OpenCV expands these to BGR(A) silently; the header says what they were.
-    mode_note = _MODE_NOTES.get(mode.split(";")[0])
-    if mode_note and mode_note not in notes:
-        notes.append(mode_note)
-    return img, notes
-
-
-def read_image(path, target_size: int | None = None) -> np.ndarray:
-    """Decodes an image file to uint8 RGB [H, W, 3]; raises ImageError.
-
-    Args:
-      path: file path (JPEG, PNG, TIFF, BMP, WebP, ... whatever OpenCV decodes).
-      target_size: final output side; JPEGs are then decoded at the largest DCT
-        scale 1/2, 1/4 or 1/8 whose shorter side stays >= target_size.
-    Returns:
-      uint8 RGB [H, W, 3]. 16-bit input is rescaled to 8 bit, alpha is composited
-      on black, grayscale is replicated to 3 channels.
-    Raises:
-      ImageError: missing, empty, truncated, non-image or too large (> 60 MP) file.
-    """
-    return read_image_with_info(path, target_size)[0]
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------- field detection
 
 
-def _detection_image(img: np.ndarray) -> tuple[np.ndarray, float]:
-    """Median-filtered max-channel uint8 [h, w] at most _DETECT_MAX_SIDE, and its scale to img."""
-    scale = min(1.0, _DETECT_MAX_SIDE / max(img.shape[:2]))
-    if scale < 1.0:
-        size = (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale)))
-        img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
-    # Max over channels: the field is bright in some channel (usually red) even
-    # when the capture is under-exposed; the black border is dark in all three.
-    if img.ndim == 2:
-        gray = img
-    else:  # cv2.max is ~20x faster than np.max(axis=2) on interleaved channels
-        r, g, b = cv2.split(img)
-        gray = cv2.max(cv2.max(r, g), b)
-    # A median removes sensor and JPEG noise without moving edges; a Gaussian
-    # would push a bright rim ~2 px outwards past a threshold just above black.
-    return cv2.medianBlur(np.ascontiguousarray(gray), 5), scale
+def _round_uint8(x: tf.Tensor) -> tf.Tensor:
+    """float -> uint8 with rounding and saturation (OpenCV's saturate_cast)."""
+    return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
 
 
-def _border_threshold(gray: np.ndarray) -> float:
-    """Grey level just above the black border of a capture.
+def small_image(image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """float32 [h, w, 3] copy (area average, rounded to integer levels) whose long side is
+    at most DETECT_MAX_SIDE, and its scale (small pixels per image pixel, <= 1)."""
+    shape = tf.shape(image)
+    hw = tf.cast(shape[:2], tf.float32)
+    scale = tf.minimum(1.0, DETECT_MAX_SIDE / tf.reduce_max(hw))
+    small_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), 1)
+    small = tf.cond(scale < 1.0,
+                    lambda: tf.cast(_round_uint8(tf.image.resize(image, small_hw, "area")),
+                                    tf.float32),
+                    lambda: tf.cast(image, tf.float32))
+    return small, scale
 
-    The border is the darkest large population of pixels: its level is the mode
-    of the histogram below the 10th percentile, its noise the spread of the
-    pixels below that mode. The threshold sits just above that noise, not at a
-    fraction of the field brightness, because under-exposed fields (and the dark
-    half of unevenly lit ones) are only 3-10 grey levels above a black border.
+
+def _replicate_pad(x: tf.Tensor, pad: int) -> tf.Tensor:
+    """Pads [H, W] by repeating the edge pixels (OpenCV's BORDER_REPLICATE)."""
+    for axis in (0, 1):
+        n = tf.shape(x)[axis]
+        idx = tf.clip_by_value(tf.range(-pad, n + pad), 0, n - 1)
+        x = tf.gather(x, idx, axis=axis)
+    return x
+
+
+# Knuth's 9-comparator sorting network for 5 values.
+_SORT5 = ((0, 1), (3, 4), (2, 4), (2, 3), (0, 3), (0, 2), (1, 4), (1, 3), (1, 2))
+
+
+def _median5(values: list) -> tf.Tensor:
+    """Elementwise median of 5 equal-shape tensors (a sorting network of min/max)."""
+    v = list(values)
+    for i, j in _SORT5:
+        v[i], v[j] = tf.minimum(v[i], v[j]), tf.maximum(v[i], v[j])
+    return v[2]
+
+
+def median_blur(gray: tf.Tensor) -> tf.Tensor:
+    """Separable 5x5 median of float32 [H, W]: the median of 5 along each row, then
+    of 5 along each column, edges replicated (OpenCV's BORDER_REPLICATE).
+
+    Like a true 5x5 median it removes sensor and JPEG noise without moving step
+    edges (the rim of the field), at ~1/10 of its cost in TF ops.
     """
-    hist = cv2.calcHist([gray], [0], None, [256], [0, 256]).ravel().astype(np.float64)
-    p10 = int(np.searchsorted(np.cumsum(hist), 0.1 * gray.size))  # 10th percentile
-    bg = int(np.argmax(hist[:p10 + 1]))
+    h, w = tf.shape(gray)[0], tf.shape(gray)[1]
+    padded = _replicate_pad(gray, 2)
+    rows = _median5([padded[:, j:j + w] for j in range(5)])
+    return _median5([rows[i:i + h] for i in range(5)])
+
+
+def _histogram_percentile(hist: tf.Tensor, q: float) -> tf.Tensor:
+    """np.percentile (linear) of integer levels from their histogram, float64 [256] counts."""
+    cum = tf.cumsum(hist)
+    pos = q / 100.0 * (cum[-1] - 1)
+    lo = tf.floor(pos)
+
+    def sorted_at(k):  # the k-th smallest value: how many levels have cum <= k
+        return tf.reduce_sum(tf.cast(cum <= k, tf.float64))
+
+    return sorted_at(lo) + (pos - lo) * (sorted_at(lo + 1) - sorted_at(lo))
+
+
+def border_threshold(gray: tf.Tensor) -> tf.Tensor:
+    """float64 grey level just above the black border of float32 [h, w] gray (integer levels).
+
+    The border level is the histogram mode
+    below the 10th percentile, its noise the spread of the pixels below that
+    mode, and the threshold sits just above it (dark fields are only a few grey
+    levels above a black border, so a fraction of the brightness would lose them).
+    """
+    hist = tf.cast(tf.math.bincount(tf.cast(gray, tf.int32), minlength=256, maxlength=256),
+                   tf.float64)
+    p10 = tf.cast(tf.floor(_histogram_percentile(hist, 10.0)), tf.int32)
+    bg = tf.cast(tf.argmax(hist[:p10 + 1]), tf.int32)
     below = hist[:bg + 1]
-    sigma = np.sqrt(np.sum(below * (np.arange(bg + 1) - bg) ** 2) / np.sum(below))
-    return bg + max(2.5, 4.0 * sigma)
+    offsets = tf.cast(tf.range(bg + 1) - bg, tf.float64)
+    sigma = tf.sqrt(tf.reduce_sum(below * offsets ** 2) / tf.reduce_sum(below))
+    return tf.cast(bg, tf.float64) + tf.maximum(4.0 * sigma, 2.5)
 
 
-def field_mask(gray: np.ndarray, threshold: float | None = None) -> np.ndarray:
-    """uint8 {0, 255} mask of gray [H, W] > threshold (default: _border_threshold)."""
+def otsu_threshold(gray: tf.Tensor, above: tf.Tensor) -> tf.Tensor:
+    """float64 Otsu level of the pixels of gray brighter than `above` (OpenCV's THRESH_OTSU).
+
+    The level t maximises the between-class variance of {<= t} and {> t}; the
+    first maximum wins, as in OpenCV. 0 when no pixel is brighter than `above`.
+    """
+    levels = tf.cast(gray, tf.int32)
+    bright = tf.boolean_mask(levels, tf.cast(gray, tf.float64) > above)
+    hist = tf.cast(tf.math.bincount(bright, minlength=256, maxlength=256), tf.float64)
+    p = hist / tf.maximum(tf.reduce_sum(hist), 1.0)
+    i = tf.range(256, dtype=tf.float64)
+    q1 = tf.cumsum(p)
+    q2 = 1.0 - q1
+    m1 = tf.cumsum(i * p)
+    mu = m1[-1]
+    eps = 1.1920929e-07  # FLT_EPSILON: OpenCV skips levels with an empty class
+    valid = (tf.minimum(q1, q2) >= eps) & (tf.maximum(q1, q2) <= 1.0 - eps)
+    mu1 = m1 / tf.where(valid, q1, 1.0)
+    mu2 = (mu - m1) / tf.where(valid, q2, 1.0)
+    sigma = tf.where(valid, q1 * q2 * (mu1 - mu2) ** 2, -1.0)
+    return tf.where(tf.reduce_any(valid), tf.cast(tf.argmax(sigma), tf.float64),
+                    tf.constant(0.0, tf.float64))
+
+
+def field_mask(gray: tf.Tensor, threshold: tf.Tensor | None = None) -> tf.Tensor:
+    """bool [h, w]: pixels of float32 [h, w] gray above `threshold` (default: the border's)."""
     if threshold is None:
-        threshold = _border_threshold(gray)
-    return cv2.threshold(gray, float(np.floor(threshold)), 255, cv2.THRESH_BINARY)[1]
+        threshold = border_threshold(gray)
+    return tf.cast(gray, tf.float64) > threshold
 
 
-def fit_circle(points: np.ndarray) -> Circle:
-    """Algebraic least-squares (Kasa) circle through points float [N, 2] (x, y), N >= 3."""
-    x, y = points[:, 0].astype(np.float64), points[:, 1].astype(np.float64)
-    design = np.stack([x, y, np.ones_like(x)], axis=1)
-    (a, b, c), *_ = np.linalg.lstsq(design, x * x + y * y, rcond=None)
-    cx, cy = a / 2, b / 2
-    return Circle(float(cx), float(cy), float(np.sqrt(max(c + cx * cx + cy * cy, 0.0))))
+def _extremes(mask: tf.Tensor, axis: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """First and last foreground index along `axis` of bool [h, w], and whether any."""
+    m = tf.cast(mask, tf.int32)
+    n = tf.shape(m)[axis]
+    first = tf.cast(tf.argmax(m, axis=axis), tf.int32)  # argmax returns the first maximum
+    last = n - 1 - tf.cast(tf.argmax(tf.reverse(m, [axis]), axis=axis), tf.int32)
+    return first, last, tf.reduce_any(mask, axis=axis)
 
 
-def _residuals(points: np.ndarray, circle: Circle) -> tuple[np.ndarray, float]:
-    """Signed distances of points to the circle (negative inside), and the inlier tolerance."""
-    dist = np.hypot(points[:, 0] - circle.cx, points[:, 1] - circle.cy) - circle.r
-    return dist, max(1.5, 0.01 * circle.r)
+def _boundary_points(mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Outline of the foreground: float64 [N, 2] (x, y) points and bool [N] (all True).
+
+    A pixel is on the outline when it is foreground with a background
+    4-neighbour (the pixels `cv2.findContours` traces); pixels within 1 px of
+    the frame are left out.
+    """
+    h, w = tf.shape(mask)[0], tf.shape(mask)[1]
+    m = tf.pad(tf.cast(mask, tf.int32), [[1, 1], [1, 1]])
+    eroded = tf.reduce_min(tf.stack([m[1:-1, 1:-1], m[:-2, 1:-1], m[2:, 1:-1],
+                                     m[1:-1, :-2], m[1:-1, 2:]]), axis=0)
+    outline = mask & (eroded == 0)
+    yy, xx = tf.meshgrid(tf.range(h), tf.range(w), indexing="ij")
+    outline &= (xx > 1) & (xx < w - 2) & (yy > 1) & (yy < h - 2)
+    yx = tf.where(outline)  # int64 [N, 2] (row, column)
+    points = tf.cast(tf.reverse(yx, [1]), tf.float64)
+    return points, tf.ones([tf.shape(points)[0]], tf.bool)
 
 
-def robust_circle(points: np.ndarray, iterations: int = 4) -> tuple[Circle, float] | None:
-    """Circle fit ignoring straight clipping edges and notches.
+def _fit_circle(points: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+    """Weighted Kasa circle fit: float64 [N, 2] points, [N] 0/1 weights -> [3] (cx, cy, r)."""
+    x, y = points[:, 0], points[:, 1]
+    a = tf.stack([x, y, tf.ones_like(x)], 1)
+    aw = a * weights[:, None]
+    lhs = tf.matmul(aw, a, transpose_a=True)
+    rhs = tf.matmul(aw, (x * x + y * y)[:, None], transpose_a=True)
+    # A tiny ridge keeps the solve defined when too few points are left (the
+    # caller then rejects the circle); it does not move a well-posed fit.
+    lhs += 1e-9 * (tf.linalg.trace(lhs) + 1.0) * tf.eye(3, dtype=tf.float64)
+    p = tf.linalg.solve(lhs, rhs)[:, 0]
+    cx, cy = p[0] / 2, p[1] / 2
+    return tf.stack([cx, cy, tf.sqrt(tf.maximum(p[2] + cx * cx + cy * cy, 0.0))])
 
-    Points well inside the circle (edges where a mask or the frame clips the
-    field, hull chords over dark notches) are dropped every round; after two
-    rounds, points well outside it (notch markers) too.
+
+def _robust_circle(points: tf.Tensor, valid: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Circle fit dropping points well inside it, then also well outside (notches).
 
     Args:
-      points: float [N, 2] (x, y) outline points.
+        points: float64 [N, 2] (x, y); valid: bool [N], the points that exist.
     Returns:
-      (circle, inlier fraction: share of points within tolerance of it), or None
-      with fewer than 8 usable points.
+        (float64 [3] circle, float64 inlier fraction among the valid points);
+        the fraction is 0 when fewer than 8 points were left in some round.
     """
-    keep = np.ones(len(points), bool)
-    for i in range(iterations):
-        if keep.sum() < 8:
-            return None
-        circle = fit_circle(points[keep])
+    keep, ok = valid, tf.constant(True)
+    circle = tf.zeros([3], tf.float64)
+    for i in range(_FIT_ITERATIONS):
+        ok &= tf.reduce_sum(tf.cast(keep, tf.int32)) >= _MIN_POINTS
+        circle = _fit_circle(points, tf.cast(keep, tf.float64))
         dist, tol = _residuals(points, circle)
-        keep = dist > -tol
+        keep = valid & (dist > -tol)
         if i >= 1:
             keep &= dist < 3 * tol
     dist, tol = _residuals(points, circle)
-    return circle, float(np.mean(np.abs(dist) < tol))
+    inliers = tf.reduce_sum(tf.cast(valid & (tf.abs(dist) < tol), tf.float64))
+    fraction = inliers / tf.maximum(tf.reduce_sum(tf.cast(valid, tf.float64)), 1.0)
+    return circle, tf.where(ok, fraction, tf.zeros_like(fraction))
 
 
-def _hull_outline(mask: np.ndarray, min_area: float) -> np.ndarray | None:
-    """Points float [N, 2] of the convex hull outline of the largest blob, without
-    points on the image frame (where the frame, not the field, clips the blob)."""
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    if not contours:
-        return None
-    blob = max(contours, key=cv2.contourArea)
-    if cv2.contourArea(blob) < min_area:
-        return None
-    # The hull bridges dark regions inside the field that reach its rim.
-    hull = np.zeros_like(mask)
-    cv2.fillConvexPoly(hull, cv2.convexHull(blob), 255)
-    outline, _ = cv2.findContours(hull, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    pts = max(outline, key=len)[:, 0, :].astype(np.float64)
-    h, w = mask.shape
-    on_frame = ((pts[:, 0] <= 1) | (pts[:, 0] >= w - 2) | (pts[:, 1] <= 1)
-                | (pts[:, 1] >= h - 2))
-    return pts[~on_frame]
+def _residuals(points: tf.Tensor, circle: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Signed distances [N] to the circle (negative inside) and the inlier tolerance."""
+    dist = tf.norm(points - circle[None, :2], axis=1) - circle[2]
+    return dist, tf.maximum(0.01 * circle[2], 1.5)
 
 
-def _fit_mask(mask: np.ndarray, min_fraction: float) -> tuple[Circle, float] | None:
-    """(circle, inlier fraction) of the largest blob of mask, if plausible."""
-    points = _hull_outline(mask, min_fraction * mask.size)
-    if points is None or len(points) < 8:
-        return None
-    fit = robust_circle(points)
-    if fit is None or not _plausible(fit[0], mask.shape, min_fraction):
-        return None
-    return fit
+def _plausible(circle: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """Centre inside the frame, radius < long side, disc covers >= MIN_FIELD_FRACTION."""
+    h, w = tf.shape(mask)[0], tf.shape(mask)[1]
+    hf, wf = tf.cast(h, tf.float64), tf.cast(w, tf.float64)
+    cx, cy, r = circle[0], circle[1], circle[2]
+    inside = (cx >= 0) & (cx < wf) & (cy >= 0) & (cy < hf) & (r < tf.maximum(hf, wf))
+    yy = tf.cast(tf.range(h), tf.float64)[:, None]
+    xx = tf.cast(tf.range(w), tf.float64)[None, :]
+    disc = tf.reduce_sum(tf.cast((xx - tf.round(cx)) ** 2 + (yy - tf.round(cy)) ** 2
+                                 <= tf.round(r) ** 2, tf.float64))
+    min_area = MIN_FIELD_FRACTION * hf * wf
+    blob = tf.reduce_sum(tf.cast(mask, tf.float64))
+    return inside & (disc >= min_area) & (blob >= min_area)
 
 
-def _plausible(circle: Circle, shape: tuple[int, int], min_fraction: float) -> bool:
-    """Centre inside the frame, radius below the longer side, enough field area."""
-    h, w = shape
-    if not (0 <= circle.cx < w and 0 <= circle.cy < h and circle.r < max(h, w)):
-        return False
-    mask = np.zeros(shape, np.uint8)
-    cv2.circle(mask, (round(circle.cx), round(circle.cy)), round(circle.r), 1, -1)
-    return cv2.countNonZero(mask) >= min_fraction * h * w
+def _box_circle(mask: tf.Tensor) -> tf.Tensor:
+    """Fallback "circle" (float64 [3]) whose bounding square holds the foreground's box.
+
+    The whole frame when nothing is foreground.
+    """
+    h, w = tf.shape(mask)[0], tf.shape(mask)[1]
+    left, right, row_any = _extremes(mask, axis=1)
+    top, bottom, col_any = _extremes(mask, axis=0)
+    found = tf.reduce_any(row_any)
+    x0 = tf.where(found, tf.reduce_min(tf.where(row_any, left, w)), 0)
+    x1 = tf.where(found, tf.reduce_max(tf.where(row_any, right, -1)), w - 1)
+    y0 = tf.where(found, tf.reduce_min(tf.where(col_any, top, h)), 0)
+    y1 = tf.where(found, tf.reduce_max(tf.where(col_any, bottom, -1)), h - 1)
+    box = tf.cast(tf.stack([x0, y0, x1, y1]), tf.float64)
+    side = tf.maximum(box[2] - box[0], box[3] - box[1]) + 1
+    return tf.stack([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2, side / 2])
 
 
-# Below this share of outline points on the fitted circle, the border threshold
-# probably caught a grey letterbox or frame around the field (not a circle).
-_MIN_INLIERS = 0.25
-# Radial profiles for the edge refinement, in units of the coarse radius.
-_RAYS = 360
-_INNER, _SEARCH, _OUTER = (0.80, 0.92), (0.92, 1.08), (1.08, 1.20)
+def _sample_bilinear(gray: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    """Bilinear samples of float32 [h, w] at float32 x, y (any equal shape); 0 outside."""
+    h, w = tf.shape(gray)[0], tf.shape(gray)[1]
+    x0, y0 = tf.floor(x), tf.floor(y)
+    fx, fy = x - x0, y - y0
+    x0, y0 = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
+
+    def at(yi, xi):
+        inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+        idx = tf.stack([tf.clip_by_value(yi, 0, h - 1), tf.clip_by_value(xi, 0, w - 1)], -1)
+        return tf.where(inside, tf.gather_nd(gray, idx), 0.0)
+
+    top = at(y0, x0) * (1 - fx) + at(y0, x0 + 1) * fx
+    bottom = at(y0 + 1, x0) * (1 - fx) + at(y0 + 1, x0 + 1) * fx
+    return top * (1 - fy) + bottom * fy
 
 
-def _radial_profiles(gray: np.ndarray, circle: Circle) -> tuple[np.ndarray, np.ndarray]:
-    """Brightness float32 [_RAYS, R] sampled 1 px apart along rays from the centre,
-    -1 outside the frame, and the radii float [R] of the samples."""
-    radii = np.arange(_INNER[0] * circle.r, _OUTER[1] * circle.r, 1.0)
-    angles = np.linspace(0, 2 * np.pi, _RAYS, endpoint=False)
-    map_x = (circle.cx + np.cos(angles)[:, None] * radii).astype(np.float32)
-    map_y = (circle.cy + np.sin(angles)[:, None] * radii).astype(np.float32)
-    profiles = cv2.remap(gray, map_x, map_y, cv2.INTER_LINEAR).astype(np.float32)
-    h, w = gray.shape
+def _median(x: tf.Tensor) -> tf.Tensor:
+    """Median along the last axis (mean of the two middle values for even counts)."""
+    n = tf.shape(x)[-1]
+    s = tf.sort(x, axis=-1)
+    return (tf.gather(s, (n - 1) // 2, axis=-1) + tf.gather(s, n // 2, axis=-1)) / 2
+
+
+def _edge_points(gray: tf.Tensor, circle: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Sub-pixel rim points float64 [RAYS, 2] and bool [RAYS] validity.
+
+    On each ray from the coarse centre, where
+    the brightness crosses half-way between the field just inside the rim and
+    the border just outside it (immune to JPEG ringing and blur at the rim).
+    Rays whose rim zone leaves the frame, or without contrast, give no point.
+    """
+    h, w = tf.cast(tf.shape(gray)[0], tf.float32), tf.cast(tf.shape(gray)[1], tf.float32)
+    c = tf.cast(circle, tf.float32)
+    cx, cy, r = c[0], c[1], c[2]
+    radii = tf.range(_INNER[0] * r, _OUTER[1] * r, 1.0)
+    angles = tf.range(_RAYS, dtype=tf.float32) * (2 * math.pi / _RAYS)
+    map_x = cx + tf.cos(angles)[:, None] * radii[None, :]
+    map_y = cy + tf.sin(angles)[:, None] * radii[None, :]
+    profiles = _sample_bilinear(gray, map_x, map_y)
     outside = (map_x < 0) | (map_x > w - 1) | (map_y < 0) | (map_y > h - 1)
-    profiles[outside] = -1.0
-    return profiles, radii
+    profiles = tf.where(outside, -1.0, profiles)
+    rel = radii / r
 
+    def zone(lo, hi):
+        return tf.boolean_mask(profiles, (rel >= lo) & (rel < hi), axis=1)
 
-def _edge_points(gray: np.ndarray, circle: Circle) -> np.ndarray:
-    """Sub-pixel rim points float [N, 2] (x, y): on each ray from the coarse centre,
-    where brightness crosses half-way between the field just inside the rim and
-    the border just outside it. Half-way is immune to the JPEG ringing and blur
-    that a threshold just above black picks up around bright rims. Rays whose
-    rim lies outside the frame, or without contrast, give no point."""
-    profiles, radii = _radial_profiles(gray, circle)
-    rel = radii / circle.r
-    inner = np.median(profiles[:, (rel >= _INNER[0]) & (rel < _INNER[1])], axis=1)
-    outer_zone = profiles[:, rel >= _OUTER[0]]
-    outer = np.median(outer_zone, axis=1)
+    inner = _median(zone(*_INNER))
+    outer_zone = zone(_OUTER[0], math.inf)
+    outer = _median(outer_zone)
     level = (inner + outer) / 2
-    search = profiles[:, (rel >= _SEARCH[0]) & (rel < _SEARCH[1])]
-    ok = (inner - outer >= 2.0) & (outer_zone.min(axis=1) >= 0) & (search.min(axis=1) >= 0)
+    search = zone(*_SEARCH)
+    ok = ((inner - outer >= 2.0) & (tf.reduce_min(outer_zone, 1) >= 0)
+          & (tf.reduce_min(search, 1) >= 0))
     below = search <= level[:, None]
-    j = np.argmax(below, axis=1)  # first sample at or below half-way
-    ok &= below.any(axis=1) & (j > 0)
-    rows = np.flatnonzero(ok)
-    j = j[rows]
-    first = int(np.argmax(rel >= _SEARCH[0]))
-    before, after = search[rows, j - 1], search[rows, j]
-    frac = (before - level[rows]) / np.maximum(before - after, 1e-6)
-    rho = radii[first + j - 1] + frac
-    angles = 2 * np.pi * rows / _RAYS
-    return np.stack([circle.cx + rho * np.cos(angles), circle.cy + rho * np.sin(angles)], 1)
+    j = tf.cast(tf.argmax(tf.cast(below, tf.int32), axis=1), tf.int32)  # first at/below
+    ok &= tf.reduce_any(below, 1) & (j > 0)
+    jm1 = tf.maximum(j - 1, 0)
+    before = tf.gather(search, jm1, batch_dims=1)
+    after = tf.gather(search, j, batch_dims=1)
+    frac = (before - level) / tf.maximum(before - after, 1e-6)
+    first = tf.cast(tf.argmax(tf.cast(rel >= _SEARCH[0], tf.int32)), tf.int32)
+    rho = tf.gather(radii, first + jm1) + frac
+    points = tf.stack([cx + rho * tf.cos(angles), cy + rho * tf.sin(angles)], 1)
+    return tf.cast(points, tf.float64), ok
 
 
-def _refine(gray: np.ndarray, circle: Circle) -> Circle:
-    """Circle fitted to the half-way rim points, or the coarse one if too few exist."""
-    if circle.r < 16:  # too few pixels in the profile windows to measure levels
-        return circle
-    points = _edge_points(gray, circle)
-    if len(points) < _RAYS // 8:
-        return circle
-    fit = robust_circle(points)
-    if fit is None or fit[1] < _MIN_INLIERS or abs(fit[0].r - circle.r) > 0.1 * circle.r:
-        return circle
-    return fit[0]
+def _refine(gray: tf.Tensor, circle: tf.Tensor) -> tf.Tensor:
+    """Circle fitted to the half-way rim points, or the coarse one when that fit is poor."""
+    points, valid = _edge_points(gray, circle)
+    fit, inliers = _robust_circle(points, valid)
+    good = ((tf.reduce_sum(tf.cast(valid, tf.int32)) >= _RAYS // 8)
+            & (inliers >= _MIN_INLIERS) & (tf.abs(fit[2] - circle[2]) <= 0.1 * circle[2]))
+    return tf.where(good, fit, circle)
 
 
-def find_fundus(img: np.ndarray, min_fraction: float = 0.1) -> Circle | None:
-    """Finds the circular field of view of a fundus photograph.
+def _fit_mask(mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(float64 [3] circle, inlier fraction, plausible) fitted to the outline of bool mask."""
+    points, valid = _boundary_points(mask)
+    circle, inliers = _robust_circle(points, valid)
+    # inliers is 0 when too few outline points remained.
+    return circle, inliers, (inliers > 0) & _plausible(circle, mask)
 
-    Coarse: threshold just above the black border (adaptive to exposure),
-    largest blob, its convex hull, robust circle fit to the hull outline minus
-    the frame. When few outline points lie on the circle, an Otsu threshold
-    among the bright pixels is tried too (a grey band around the field) and the
-    better fit kept. Fine: robust circle fit to the half-way brightness crossing
-    on 360 rays around the coarse circle.
 
-    Args:
-      img: uint8 RGB [H, W, 3] (or gray [H, W]), any exposure; the field may be
-        clipped by the frame (wide captures) and have dark regions inside.
-      min_fraction: smallest plausible field area / image area.
+def find_fundus(image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Circle of the camera's field of view in a uint8 RGB [H, W, 3] photograph.
+
+    A fit to the mask above the border threshold; when few outline points lie
+    on that circle (a grey letterbox or frame around the field), a second fit
+    above an Otsu threshold among the brighter pixels, the one with more
+    inliers kept; then the rim refinement.
+
     Returns:
-      Circle in img pixels (centre inside the image), or None when no plausible
-      field exists: black or uniform image, field below min_fraction of the image,
-      or no visible rim (the field fills the whole frame).
+        (float64 [3] (cx, cy, r) in pixels of `image` (x = column), bool found).
+        Without a plausible circle (black, white, uniform or noise images, a
+        field below MIN_FIELD_FRACTION of the frame or without a visible rim)
+        found is False and the circle is the bounding square of the
+        foreground, or of the whole frame, so serving can still crop and score.
     """
-    gray, scale = _detection_image(img)
-    threshold = _border_threshold(gray)
-    fit = _fit_mask(field_mask(gray, threshold), min_fraction)
-    if fit is None or fit[1] < _MIN_INLIERS:
-        bright = gray[gray > threshold]
-        if bright.size:
-            otsu, _ = cv2.threshold(bright.reshape(1, -1), 0, 255,
-                                    cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-            retry = _fit_mask(field_mask(gray, otsu), min_fraction)
-            if retry is not None and (fit is None or retry[1] > fit[1]):
-                fit = retry
-    if fit is None:
-        return None
-    circle = _refine(gray, fit[0])
-    return Circle(circle.cx / scale, circle.cy / scale, circle.r / scale)
+    return find_fundus_small(*small_image(image))
 
 
-def crop_fundus(img: np.ndarray, circle: Circle | None = None) -> np.ndarray:
-    """Crops the bounding square of the field, zero-padding outside the image.
+def find_fundus_small(small: tf.Tensor, scale: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """`find_fundus` on the output of `small_image(image)`; circle in image pixels."""
+    # Max over channels: the field is bright in some channel even when under-exposed.
+    # A median removes sensor and JPEG noise without moving edges.
+    gray = median_blur(tf.reduce_max(small, axis=-1))
+    threshold = border_threshold(gray)
+    mask = field_mask(gray, threshold)
+    circle, inliers, ok = _fit_mask(mask)
+
+    def otsu_retry():
+        retry, retry_inliers, retry_ok = _fit_mask(field_mask(gray, otsu_threshold(gray,
+                                                                                  threshold)))
+        better = retry_ok & (~ok | (retry_inliers > inliers))
+        return tf.where(better, retry, circle), ok | better
+
+    circle, ok = tf.cond(~ok | (inliers < _MIN_INLIERS), otsu_retry, lambda: (circle, ok))
+    # The refinement runs on the fallback too (harmless: it keeps it if rim points are poor).
+    circle = tf.where(ok, circle, _box_circle(mask))
+    circle = tf.cond(ok, lambda: _refine(gray, circle), lambda: circle)
+    return circle / tf.cast(scale, tf.float64), ok
+
+
+def crop_fundus(image: tf.Tensor, circle: tf.Tensor | None = None) -> tf.Tensor:
+    """Crops the bounding square of the field, zero-padded outside the image.
 
     Args:
-      img: uint8 RGB [H, W, 3].
-      circle: the field; found with find_fundus when None.
+        image: uint8 RGB [H, W, 3].
+        circle: float64 [3] (cx, cy, r); found with `find_fundus` when None.
     Returns:
-      uint8 [D, D, 3], D = round(2 r), the circle centred.
-    Raises:
-      ImageError("no fundus field found") when detection fails.
+        uint8 [D, D, 3], D = round(2 r), the circle centred.
     """
     if circle is None:
-        circle = find_fundus(img)
-    if circle is None:
-        raise ImageError("no fundus field found")
-    side = max(1, round(2 * circle.r))
-    x0, y0 = round(circle.cx - side / 2), round(circle.cy - side / 2)
-    out = np.zeros((side, side) + img.shape[2:], img.dtype)
-    h, w = img.shape[:2]
-    sx0, sy0 = max(x0, 0), max(y0, 0)
-    sx1, sy1 = min(x0 + side, w), min(y0 + side, h)
-    if sx1 > sx0 and sy1 > sy0:
-        out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = img[sy0:sy1, sx0:sx1]
-    return out
+        circle = find_fundus(image)[0]
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    side = tf.maximum(tf.cast(tf.round(2 * circle[2]), tf.int32), 1)
+    half = tf.cast(side, tf.float64) / 2
+    x0 = tf.cast(tf.round(circle[0] - half), tf.int32)
+    y0 = tf.cast(tf.round(circle[1] - half), tf.int32)
+    pad_top, pad_left = tf.maximum(-y0, 0), tf.maximum(-x0, 0)
+    pad_bottom = tf.maximum(y0 + side - h, 0)
+    pad_right = tf.maximum(x0 + side - w, 0)
+    padded = tf.pad(image, [[pad_top, pad_bottom], [pad_left, pad_right], [0, 0]])
+    return tf.slice(padded, [y0 + pad_top, x0 + pad_left, 0], [side, side, 3])
 
 
-# --------------------------------------------------------------------------- pixel ops
+def resize(image: tf.Tensor, size: int) -> tf.Tensor:
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]: area average down, bicubic up.
+
+    (OpenCV's INTER_AREA / INTER_CUBIC), rounded into uint8.
+    """
+    shape = tf.shape(image)
+    down = (shape[0] >= size) & (shape[1] >= size)
+    out = tf.cond(down, lambda: tf.image.resize(image, [size, size], method="area"),
+                  lambda: tf.image.resize(image, [size, size], method="bicubic"))
+    return _round_uint8(out)
 
 
-def resize(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Resizes to size x size (int) or (height, width); INTER_AREA down, INTER_CUBIC up."""
-    out_h, out_w = (size, size) if isinstance(size, int) else size
-    h, w = img.shape[:2]
-    if (out_h, out_w) == (h, w):
-        return img
-    # INTER_AREA averages all source pixels (no aliasing) but is blocky when
-    # enlarging; cubic is the better interpolator there.
-    downscale = out_h <= h and out_w <= w
-    interp = cv2.INTER_AREA if downscale else cv2.INTER_CUBIC
-    return cv2.resize(img, (out_w, out_h), interpolation=interp)
+def gaussian_kernel(sigma: float) -> tf.Tensor:
+    """1-D Gaussian, float32 [K], K = round(6 sigma + 1) forced odd (OpenCV's uint8 rule)."""
+    size = int(round(sigma * 6 + 1)) | 1
+    x = tf.range(size, dtype=tf.float32) - (size - 1) / 2
+    k = tf.exp(-0.5 * tf.square(x / sigma))
+    return k / tf.reduce_sum(k)
 
 
-def apply_clahe(img: np.ndarray, mode: str = "green", clip_limit: float = 2.0,
-                tile_grid: int = 8) -> np.ndarray:
-    """Contrast-limited adaptive histogram equalisation.
+def gaussian_blur(image: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+    """Separable blur of float32 [H, W, C] with a 1-D kernel [K] via depthwise convolutions.
+
+    Borders reflect without repeating the edge pixel (OpenCV's BORDER_REFLECT_101),
+    so H and W must exceed K // 2.
+    """
+    channels = image.shape[-1]
+    pad = (int(kernel.shape[0]) - 1) // 2
+    x = tf.pad(image[None], [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+    kv = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
+    kh = tf.reshape(kv, [1, -1, channels, 1])
+    x = tf.nn.depthwise_conv2d(x, kv, [1, 1, 1, 1], "VALID")
+    x = tf.nn.depthwise_conv2d(x, kh, [1, 1, 1, 1], "VALID")
+    return x[0]
+
+
+def clahe(channel: tf.Tensor, clip_limit: float = 2.0, tile_grid: int = 8) -> tf.Tensor:
+    """OpenCV's CLAHE (`cv2.createCLAHE(clip_limit, (n, n)).apply`), bit for bit, in TF ops.
+
+    Per tile: a 256-bin histogram, clipped at max(int(clip_limit * area / 256), 1)
+    with the excess spread evenly and its remainder over every k-th bin, its
+    cumulative sum scaled to [0, 255] as a look-up table; each pixel then mixes
+    the tables of its four nearest tile centres bilinearly. Sizes not divisible
+    by n are reflect-101 padded for the histograms, as OpenCV does.
 
     Args:
-      img: uint8 RGB [H, W, 3].
-      mode: "green" equalises the green channel only (vessels and lesions have the
-        most contrast there); "lab" equalises L of CIE LAB, keeping hue.
+        channel: uint8 [H, W] with static H, W.
     Returns:
-      uint8 RGB [H, W, 3].
+        uint8 [H, W].
     """
-    clahe = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tile_grid, tile_grid))
-    out = img.copy()
-    if mode == "green":
-        out[..., 1] = clahe.apply(np.ascontiguousarray(img[..., 1]))
-        return out
-    if mode == "lab":
-        lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB)
-        lab[..., 0] = clahe.apply(np.ascontiguousarray(lab[..., 0]))
-        return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
-    raise ValueError(f"unknown CLAHE mode {mode!r}; expected 'green' or 'lab'")
+    h, w = channel.shape
+    n = tile_grid
+    v = tf.cast(channel, tf.int32)
+    # OpenCV pads both axes (by up to a whole tile) when either is not divisible.
+    ext = tf.pad(v, [[0, n - h % n], [0, n - w % n]], mode="REFLECT") if h % n or w % n else v
+    th, tw = ext.shape[0] // n, ext.shape[1] // n
+    tiles = tf.reshape(tf.transpose(tf.reshape(ext, [n, th, n, tw]), [0, 2, 1, 3]), [n * n, -1])
+    bins = n * n * 256
+    hist = tf.reshape(tf.math.bincount(tf.reshape(tiles + 256 * tf.range(n * n)[:, None], [-1]),
+                                       minlength=bins, maxlength=bins), [n * n, 256])
+    if clip_limit > 0:
+        limit = max(int(clip_limit * th * tw / 256), 1)
+        excess = tf.reduce_sum(tf.maximum(hist - limit, 0), axis=1, keepdims=True)
+        batch, residual = excess // 256, excess % 256
+        level = tf.range(256)[None]
+        step = tf.maximum(256 // tf.maximum(residual, 1), 1)
+        extra = (residual > 0) & (level % step == 0) & (level // step < residual)
+        hist = tf.minimum(hist, limit) + batch + tf.cast(extra, tf.int32)
+    scale = np.float32(255) / np.float32(th * tw)  # float32 arithmetic, as OpenCV
+    lut = tf.reshape(tf.round(tf.cast(tf.cumsum(hist, axis=1), tf.float32) * scale), [-1])
+
+    def neighbours(size, tile):  # the two tile indices each pixel mixes, and the weight
+        pos = tf.range(size, dtype=tf.float32) * (np.float32(1) / np.float32(tile)) - 0.5
+        first = tf.floor(pos)
+        i = tf.cast(first, tf.int32)
+        return tf.maximum(i, 0), tf.minimum(i + 1, n - 1), pos - first
+
+    x1, x2, xa = neighbours(w, tw)
+    y1, y2, ya = neighbours(h, th)
+    xa, ya = xa[None, :], ya[:, None]
+
+    def table(ty, tx):
+        return tf.gather(lut, (ty[:, None] * n + tx[None, :]) * 256 + v)
+
+    out = ((table(y1, x1) * (1 - xa) + table(y1, x2) * xa) * (1 - ya)
+           + (table(y2, x1) * (1 - xa) + table(y2, x2) * xa) * ya)
+    return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
 
 
-def circle_mask(shape: tuple[int, int], circle: Circle, scale: float = 1.0) -> np.ndarray:
-    """bool [H, W], True inside the circle with radius scale * circle.r."""
-    yy, xx = np.ogrid[:shape[0], :shape[1]]
-    return (xx - circle.cx) ** 2 + (yy - circle.cy) ** 2 <= (scale * circle.r) ** 2
+def ben_graham(image: tf.Tensor, sigma: float, mask_field: bool = True) -> tf.Tensor:
+    """Ben Graham's local average colour subtraction on uint8 [S, S, 3].
 
-
-def centred_circle(size: int) -> Circle:
-    """The field of a crop_fundus output of side `size`: inscribed circle."""
-    return Circle((size - 1) / 2, (size - 1) / 2, size / 2)
-
-
-def ben_graham(img: np.ndarray, sigma: float, circle: Circle | None = None,
-               mask_field: bool = True) -> np.ndarray:
-    """Ben Graham's local average colour subtraction (Kaggle DR 2015 winner).
-
-    out = clip(4 * img - 4 * GaussianBlur(img, sigma) + 128), then black outside
-    95% of the field radius (the rim's blur halo is an artefact).
-
-    Args:
-      img: uint8 RGB [H, W, 3].
-      sigma: Gaussian sigma in pixels (he used radius / 30).
-      circle: the field; the inscribed circle of img when None (crop_fundus output).
-      mask_field: False leaves the outside of the field as computed (uncropped
-        images, whose field is not the inscribed circle).
-    Returns:
-      uint8 RGB [H, W, 3]; a constant region becomes 128.
+    out = clip(4 img - 4 GaussianBlur(img, sigma) + 128), then black outside 95%
+    of the inscribed circle's radius when `mask_field` (fundus-cropped images),
+    (Kaggle DR 2015 winner). Returns uint8 [S, S, 3].
     """
-    blur = cv2.GaussianBlur(img, (0, 0), sigma)
-    out = cv2.addWeighted(img, 4.0, blur, -4.0, 128.0)  # saturates to uint8
+    x = tf.cast(image, tf.float32)
+    # OpenCV blurs uint8 into uint8, so the blur is rounded before the subtraction.
+    blur = tf.round(gaussian_blur(x, gaussian_kernel(sigma)))
+    out = _round_uint8(4.0 * x - 4.0 * blur + 128.0)
     if not mask_field:
         return out
-    if circle is None:
-        circle = centred_circle(min(img.shape[:2]))
-    out[~circle_mask(img.shape[:2], circle, 0.95)] = 0
-    return out
+    size = int(image.shape[0])
+    c = (size - 1) / 2
+    yy = tf.range(size, dtype=tf.float32)[:, None]
+    xx = tf.range(size, dtype=tf.float32)[None, :]
+    inside = (xx - c) ** 2 + (yy - c) ** 2 <= (0.95 * size / 2) ** 2
+    return tf.where(inside[..., None], out, tf.zeros_like(out))
 
 
-def quality_flags(img: np.ndarray, circle: Circle | None, scale: float = 1.0,
-                  dark_threshold: float = DARK_MEAN_THRESHOLD,
-                  min_fraction: float = SMALL_FIELD_FRACTION,
-                  min_pixels: float = SMALL_FIELD_PIXELS) -> dict:
-    """Quality measures; they are recorded, never a reason to reject.
-
-    Args:
-      img: uint8 RGB [H, W, 3].
-      circle: the field in img pixels; None means the whole image.
-      scale: original-image pixels per img pixel (the JPEG decode scale).
-    Returns:
-      {"too_dark": mean luma inside the field < dark_threshold,
-       "small_field": diameter < min_fraction * shorter side or < min_pixels
-                      (original pixels),
-       "mean_brightness": float 0..255, "field_diameter": float (original pixels),
-       "field_fraction": float, diameter / shorter image side}
-    """
-    h, w = img.shape[:2]
-    luma = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-    if circle is None:
-        mean, diameter = float(luma.mean()), float(min(h, w))
-    else:
-        mask = np.zeros((h, w), np.uint8)  # cv2.circle: ~10x faster than circle_mask
-        cv2.circle(mask, (round(circle.cx), round(circle.cy)), round(circle.r), 1, -1)
-        mean = float(cv2.mean(luma, mask)[0]) if cv2.countNonZero(mask) else 0.0
-        diameter = 2 * circle.r
-    fraction = diameter / min(h, w)
-    return {
-        "too_dark": mean < dark_threshold,
-        "small_field": fraction < min_fraction or diameter * scale < min_pixels,
-        "mean_brightness": round(mean, 2),
-        "field_diameter": round(diameter * scale, 1),
-        "field_fraction": round(fraction, 3),
-    }
-
-
-# --------------------------------------------------------------------------- pipeline
-
-
-def process_image(path: str, config: PreprocessConfig) -> tuple[np.ndarray, dict]:
-    """Reads, crops, resizes and enhances one image.
-
-    Returns:
-      (uint8 RGB [S, S, 3] with S = config.image_size, info dict) with info keys
-      "quality_too_dark", "quality_small_field" (bool), "mean_brightness",
-      "field_diameter" (original pixels), "field_fraction", "circle" ([cx, cy, r]
-      in original pixels, or None with crop="none"), "original_size" [H, W],
-      "decode_scale", "format", "converted" (e.g. "16bit->8bit", or "").
-    Raises:
-      ImageError with the reason the image cannot be used.
-    """
-    target = config.image_size if config.reduced_decode else None
-    img, info = read_image_with_info(path, target)
-    scale = info["decode_scale"]
-    circle = None
-    if config.crop == "fundus":
-        circle = find_fundus(img)
-        if circle is None:
-            raise ImageError("no fundus field found")
-    elif config.crop != "none":
-        raise ValueError(f"unknown crop {config.crop!r}; expected 'fundus' or 'none'")
-    flags = quality_flags(img, circle, scale, config.dark_threshold,
-                          config.small_field_fraction, config.small_field_pixels)
-    if circle is not None:
-        img = crop_fundus(img, circle)
-        info["circle"] = _to_original(circle, scale)
-    else:
-        info["circle"] = None
-    img = resize(img, config.image_size)
-    img = _enhance(img, config)
-    info.update({"quality_too_dark": flags.pop("too_dark"),
-                 "quality_small_field": flags.pop("small_field"), **flags})
-    return img, info
-
-
-def _to_original(circle: Circle, scale: int) -> list[float]:
-    """[cx, cy, r] in full-resolution pixels of a circle found in a 1/scale decode
-    (reduced pixel i averages full pixels i * scale .. i * scale + scale - 1)."""
-    offset = (scale - 1) / 2
-    return [round(circle.cx * scale + offset, 1), round(circle.cy * scale + offset, 1),
-            round(circle.r * scale, 1)]
-
-
-def _enhance(img: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """Optional CLAHE then Ben Graham on the final-size uint8 RGB [S, S, 3] image."""
-    if config.clahe:
-        img = apply_clahe(img, config.clahe, config.clahe_clip_limit, config.clahe_tile_grid)
+def enhance(image: tf.Tensor, config: PreprocessConfig) -> tf.Tensor:
+    """Optional green CLAHE then Ben Graham on the final uint8 [S, S, 3] image."""
+    if config.clahe == "green":
+        green = clahe(image[..., 1], config.clahe_clip_limit, config.clahe_tile_grid)
+        image = tf.stack([image[..., 0], green, image[..., 2]], axis=-1)
     if config.ben_graham:
         sigma = config.ben_graham_sigma * config.image_size / 512
-        img = ben_graham(img, sigma, mask_field=config.crop == "fundus")
-    return img
+        image = ben_graham(image, sigma, mask_field=config.crop == "fundus")
+    return image
 
 
-def encode_jpeg(img: np.ndarray, quality: int = 95) -> bytes:
-    """Encodes uint8 RGB [H, W, 3] as JPEG bytes."""
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise ImageError("JPEG encoding failed")
-    return buf.tobytes()
+def field_luma_mean(image: tf.Tensor, circle: tf.Tensor) -> tf.Tensor:
+    """float32 mean luma (0.299 R + 0.587 G + 0.114 B) of RGB [H, W, 3] inside the
+    disc of radius round(r) around (round(cx), round(cy)); 0 for an empty disc."""
+    luma = tf.image.rgb_to_grayscale(tf.cast(image, tf.float32))[..., 0]
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    yy = tf.cast(tf.range(h), tf.float64)[:, None]
+    xx = tf.cast(tf.range(w), tf.float64)[None, :]
+    disc = ((xx - tf.round(circle[0])) ** 2 + (yy - tf.round(circle[1])) ** 2
+            <= tf.round(circle[2]) ** 2)
+    count = tf.reduce_sum(tf.cast(disc, tf.float32))
+    return tf.reduce_sum(tf.where(disc, luma, 0.0)) / tf.maximum(count, 1.0)
+
+
+def quality(image: tf.Tensor, circle: tf.Tensor, found: tf.Tensor, scale: tf.Tensor,
+            config: PreprocessConfig) -> dict:
+    """Gradability of a decoded image (the checks prepare records, serving returns).
+
+    Args:
+        image: RGB [H, W, 3] (uint8 or float32 integer levels), the original image
+            at 1/scale (`small_image` of the decode: means and fractions do not
+            need full resolution).
+        circle: float64 [3] field in image pixels; found: whether it is a real field
+            (False: crop="fundus" found none). With crop="none" the whole frame counts.
+        scale: float32, original pixels per image pixel.
+    Returns:
+        {"no_fundus_field", "too_dark", "small_field": bool, "mean_brightness",
+         "field_diameter" (original pixels), "field_fraction" (diameter / shorter
+         side): float32, "quality": tf.string reasons joined by ";" ("" = gradable),
+         "gradable": bool}.
+    """
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    short = tf.cast(tf.minimum(h, w), tf.float32)
+    if config.crop == "none":
+        centre = tf.cast(tf.stack([w - 1, h - 1]), tf.float64) / 2
+        circle = tf.concat([centre, [tf.cast(short, tf.float64) / 2]], 0)
+        found = tf.constant(True)
+    mean = field_luma_mean(image, circle)
+    diameter = 2 * tf.cast(circle[2], tf.float32)
+    fraction = diameter / short
+    flags = {"no_fundus_field": ~found, "too_dark": mean < config.dark_threshold,
+             "small_field": (fraction < config.small_field_fraction)
+             | (diameter * tf.cast(scale, tf.float32) < config.small_field_pixels)}
+    stacked = tf.stack([flags[k] for k in QUALITY_REASONS])
+    reasons = tf.strings.reduce_join(tf.boolean_mask(QUALITY_REASONS, stacked), separator=";")
+    return {**flags, "mean_brightness": mean,
+            "field_diameter": diameter * tf.cast(scale, tf.float32),
+            "field_fraction": fraction, "quality": reasons,
+            "gradable": ~tf.reduce_any(stacked)}
+
+
+def _to_original(circle: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
+    """float32 [3] circle in full-resolution pixels from one found in a 1/scale decode
+    (reduced pixel i averages full pixels i * scale .. i * scale + scale - 1)."""
+    s = tf.cast(scale, tf.float64)
+    offset = (s - 1) / 2
+    return tf.cast(tf.stack([circle[0] * s + offset, circle[1] * s + offset, circle[2] * s]),
+                   tf.float32)
+
+
+def process(image_bytes: tf.Tensor, config: PreprocessConfig) -> dict:
+    """One encoded image -> prepare's pixels and everything recorded about them.
+
+    Args:
+        image_bytes: tf.string [] (JPEG / PNG / GIF / BMP).
+    Returns:
+        {"image": uint8 [S, S, 3] (S = config.image_size; from a 1x1 black image
+         when not ok), "ok": bool, "error": tf.string ("" when ok), "gradable": bool,
+         "quality": tf.string (reasons, "" when gradable), "circle": float32 [3]
+         (cx, cy, r) of the field in original pixels (the crop's square when no
+         field was found), "field_found": bool, "mean_brightness",
+         "field_diameter", "field_fraction": float32, "original_size": int32 [2],
+         "decode_scale": int32, "format": tf.string, "conversions": tf.string}.
+        Ungradable images are still cropped (the bounding square of whatever is
+        bright, or the whole frame) and resized, so a model can score them.
+    """
+    target = config.image_size if config.reduced_decode else None
+    decoded = image_decode.decode(image_bytes, target)
+    image, scale = decoded["image"], decoded["decode_scale"]
+    small, small_scale = small_image(image)
+    if config.crop == "fundus":
+        circle, found = find_fundus_small(small, small_scale)
+        found &= decoded["ok"]
+        out_image = crop_fundus(image, circle)
+    else:
+        circle, found, out_image = tf.zeros([3], tf.float64), decoded["ok"], image
+    checks = quality(small, circle * tf.cast(small_scale, tf.float64), found,
+                     tf.cast(scale, tf.float32) / small_scale, config)
+    out_image = resize(out_image, config.image_size)
+    out_image = enhance(tf.ensure_shape(out_image, [config.image_size, config.image_size, 3]),
+                        config)
+    gradable = decoded["ok"] & checks["gradable"]
+    return {"image": out_image, "ok": decoded["ok"], "error": decoded["error"],
+            "gradable": gradable,
+            "quality": tf.where(decoded["ok"], checks["quality"], "not_decoded"),
+            "circle": _to_original(circle, scale), "field_found": found,
+            "mean_brightness": checks["mean_brightness"],
+            "field_diameter": checks["field_diameter"],
+            "field_fraction": checks["field_fraction"],
+            "original_size": decoded["original_size"], "decode_scale": scale,
+            "format": decoded["format"], "conversions": decoded["conversions"]}
+
+
+def stored_jpeg(image: tf.Tensor, config: PreprocessConfig) -> tf.Tensor:
+    """What prepare writes into the TFRecord: tf.string JPEG of uint8 [S, S, 3]."""
+    return tf.io.encode_jpeg(image, quality=config.jpeg_quality)
+
+
+def model_pixels(image: tf.Tensor, config: PreprocessConfig) -> tf.Tensor:
+    """The training pipeline's view of prepare's image: uint8 [S, S, 3] -> JPEG ->
+    `pipeline.decode` -> `pipeline.preprocess_image`: float32 [M, M, 3] in [0, 255],
+    M = config.model_image_size. Served pixels therefore equal training pixels,
+    JPEG artefacts included."""
+    if config.jpeg_quality:
+        image = pipeline.decode({"image_bytes": stored_jpeg(image, config)})["image"]
+    m = config.model_image_size
+    return tf.ensure_shape(pipeline.preprocess_image(image, m), [m, m, 3])
+
+
+# Outputs of `serving_batch` besides the pixels, and what an image that failed
+# inside a decoder (after passing every check `image_decode` makes) gets.
+SERVING_KEYS = ("ok", "error", "gradable", "quality", "circle")
+_DECODER_FAILED = "could not decode the image data (corrupt or unsupported encoding)"
+
+
+def _serving_one(index: tf.Tensor, image_bytes: tf.Tensor, config: PreprocessConfig):
+    out = process(image_bytes, config)
+    return index, model_pixels(out["image"], config), {k: out[k] for k in SERVING_KEYS}
+
+
+def serving_batch(image_bytes: tf.Tensor, config: PreprocessConfig) -> tuple[tf.Tensor, dict]:
+    """A batch of encoded images -> model pixels and per-image status, never failing the batch.
+
+    Errors a decoder raises on bytes that passed every header check (a PNG with a
+    corrupt zlib stream, ...) are caught by tf.data's ignore_errors: that image
+    gets ok=False and a generic error, the others their predictions.
+
+    Args:
+        image_bytes: tf.string [B].
+    Returns:
+        (float32 [B, M, M, 3] in [0, 255] (black for images that are not ok),
+         {"ok": bool [B], "error": tf.string [B], "gradable": bool [B],
+          "quality": tf.string [B], "circle": float32 [B, 3]}).
+    """
+    m = config.model_image_size
+    n = tf.shape(image_bytes)[0]
+    default = (tf.constant(-1), tf.zeros([m, m, 3], tf.float32),
+               {"ok": tf.constant(False), "error": tf.constant(_DECODER_FAILED),
+                "gradable": tf.constant(False), "quality": tf.constant("not_decoded"),
+                "circle": tf.zeros([3], tf.float32)})
+    done = (tf.data.Dataset.from_tensor_slices((tf.range(n), image_bytes))
+            .map(lambda i, b: _serving_one(i, b, config))
+            .ignore_errors()
+            .concatenate(tf.data.Dataset.from_tensors(default))
+            .batch(2 ** 30).get_single_element())
+    index, pixels, status = done
+    # Row of each image in `done`; the default (last row) for images that failed.
+    count = tf.shape(index)[0]
+    rows = tf.tensor_scatter_nd_update(tf.fill([n], count - 1), index[:-1, None],
+                                       tf.range(count - 1))
+    return (tf.gather(pixels, rows), {k: tf.gather(v, rows) for k, v in status.items()})
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def graph_bytes(data: bytes) -> tuple[bytes, str]:
+    """Bytes `image_decode.decode` can read: the input, or a lossless PNG transcode of
+    formats TF has no decoder for (TIFF, WebP, ...), with a conversion note.
+
+    16-bit samples and alpha survive the transcode (IMREAD_UNCHANGED), so the graph
+    converts them exactly as it converts a PNG. Raises ImageError for data OpenCV
+    cannot read either, or above the pixel cap (checked on the header first).
+    """
+    head = image_decode.format_of(data)
+    if head in image_decode.GRAPH_FORMATS or not data:
+        return data, ""
+    from PIL import Image  # header only: Image.open does not decode pixels
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            name = im.format or head
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for junk
+        raise ImageError("not an image (unrecognised format)") from e
+    if width * height > image_decode.MAX_MEGAPIXELS * 1e6:
+        raise ImageError(f"image too large to decode safely "
+                         f"(> {image_decode.MAX_MEGAPIXELS:g} MP)")
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.size == 0:
+        raise ImageError(f"could not decode {name} data")
+    if pixels.dtype not in (np.uint8, np.uint16):
+        raise ImageError(f"unsupported pixel type {pixels.dtype} in {name}")
+    return cv2.imencode(".png", pixels)[1].tobytes(), f"{name.lower()}->png"
+
+
+@functools.lru_cache(maxsize=8)
+def process_fn(config: PreprocessConfig):
+    """`process` plus the stored JPEG ("jpeg") as a tf.function of tf.string [] (traced once
+    per config: tracing the whole graph costs seconds)."""
+    def fn(image_bytes):
+        out = process(image_bytes, config)
+        return {**out, "jpeg": stored_jpeg(out["image"], config)}
+    return tf.function(fn, input_signature=[tf.TensorSpec([], tf.string)])
+
+
+def process_bytes(data: bytes, config: PreprocessConfig) -> tuple[np.ndarray, bytes, dict]:
+    """prepare's per-image work on encoded bytes: `process` plus the stored JPEG.
+
+    Returns:
+        (uint8 [S, S, 3], JPEG bytes as stored, info) with info keys "gradable",
+        "quality", "quality_too_dark", "quality_small_field", "mean_brightness",
+        "field_diameter", "field_fraction", "circle" ([cx, cy, r] in original
+        pixels, None with crop="none"), "original_size" [H, W], "decode_scale",
+        "format", "converted" (";"-joined conversions, or "").
+    Raises:
+        ImageError: the image cannot be used (its `error`), or crop="fundus" found
+        no field of view ("no fundus field found").
+    """
+    data, transcoded = graph_bytes(data)
+    out = {k: v.numpy() for k, v in process_fn(config)(tf.constant(data)).items()}
+    text = {k: out[k].decode() for k in ("error", "quality", "format", "conversions")}
+    if not out["ok"]:
+        raise ImageError(text["error"])
+    if config.crop == "fundus" and not out["field_found"]:
+        raise ImageError("no fundus field found")
+    reasons = text["quality"].split(";") if text["quality"] else []
+    info = {"gradable": bool(out["gradable"]), "quality": text["quality"],
+            "quality_too_dark": "too_dark" in reasons,
+            "quality_small_field": "small_field" in reasons,
+            "mean_brightness": round(float(out["mean_brightness"]), 2),
+            "field_diameter": round(float(out["field_diameter"]), 1),
+            "field_fraction": round(float(out["field_fraction"]), 3),
+            "circle": ([round(float(v), 1) for v in out["circle"]]
+                       if config.crop == "fundus" else None),
+            "original_size": [int(v) for v in out["original_size"]],
+            "decode_scale": int(out["decode_scale"]), "format": text["format"],
+            "converted": ";".join(filter(None, [transcoded, text["conversions"]]))}
+    return out["image"], bytes(out["jpeg"]), info
+
+
+def read_file(path) -> bytes:
+    """The bytes of an image file; ImageError for a missing, unreadable or empty file."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ImageError("file not found")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ImageError(f"unreadable file: {e.strerror or e}") from e
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    return data
+
+
+def process_image(path, config: PreprocessConfig) -> tuple[np.ndarray, dict]:
+    """`process_bytes` of a file: (uint8 [S, S, 3], info); info["jpeg"] holds the stored bytes."""
+    image, jpeg, info = process_bytes(read_file(path), config)
+    return image, {**info, "jpeg": jpeg}

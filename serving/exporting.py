@@ -12,6 +12,12 @@ for multilabel), the decision as int32 (`grade` [B] for dr_grade, `class_id`
 [B] for binary / multiclass, `labels` 0/1 [B, C] for multilabel) and
 `class_names` tf.string [B, K] (the names broadcast per example, so every
 output shares the batch dimension, which TF Serving's row format needs).
+`serving_default` adds per-image status from `input_pipeline.preprocessing`
+(the pre-processing prepare ran): `ok` bool [B] and `error` tf.string [B] (a
+bad image never fails the batch; its probabilities are those of a black
+image and must be ignored), `gradable` bool [B], `quality` tf.string [B]
+(reasons joined by ";", "" when gradable) and `field_circle` float32 [B, 3]
+(cx, cy, r of the field of view in original pixels).
 
 The decision rule is the one `evaluate` tuned (W/eval/thresholds.json, read by
 `evaluation.thresholds.read_decision`; untuned defaults when absent), applied in
@@ -36,7 +42,7 @@ import keras
 import tensorflow as tf
 
 from evaluation import thresholds
-from input_pipeline import serving
+from input_pipeline import preprocessing
 from models import decision, heads
 from serving import model_card as cards
 
@@ -53,7 +59,7 @@ class ServingSpec:
     head: str
     class_names: tuple[str, ...]
     rule: dict  # a models.decision rule ({"type": ..., ...})
-    preprocess: serving.ServingConfig
+    preprocess: preprocessing.PreprocessConfig  # with model_image_size set
     temperature: float | tuple[float, ...] = 1.0  # logits are divided by it
     tta: bool = False  # average the logits of the image and its flips (rule tuned so)
 
@@ -154,7 +160,8 @@ def spec_from_dataset(model: keras.Model, dataset_info: dict,
     task = dataset_info["task"]
     class_names = tuple(str(c) for c in dataset_info["class_names"])
     num_classes = int(dataset_info.get("num_classes", len(class_names)))
-    preprocess = serving.ServingConfig.from_dataset_info(dataset_info, image_size(model))
+    preprocess = preprocessing.PreprocessConfig.from_dataset_info(dataset_info,
+                                                                   image_size(model))
     rule, temperature, tta = thresholds.read_decision(
         thresholds_path or pathlib.Path("/nonexistent"), task, num_classes)
     if isinstance(temperature, list):
@@ -189,14 +196,17 @@ def tensor_fn(model: keras.Model, spec: ServingSpec):
 
 
 def bytes_fn(serve_tensor, spec: ServingSpec):
-    """f(image_bytes tf.string [B]) -> outputs with class_names; TF ops around serve_tensor."""
+    """f(image_bytes tf.string [B]) -> outputs with class_names and per-image status;
+    TF ops around serve_tensor."""
     names = tf.constant(list(spec.class_names))
 
     def serve(image_bytes):
-        images = serving.preprocess_batch(image_bytes, spec.preprocess)
+        images, status = preprocessing.serving_batch(image_bytes, spec.preprocess)
         out = dict(serve_tensor(images))
         batch = tf.shape(image_bytes)[0]
         out["class_names"] = tf.broadcast_to(names[None, :], [batch, len(spec.class_names)])
+        out.update(status)
+        out["field_circle"] = out.pop("circle")
         return out
     return serve
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from evaluation import report
-from input_pipeline import serving
+from input_pipeline import preprocessing
 
 if TYPE_CHECKING:  # exporting imports this module
     from serving.exporting import ServingSpec
@@ -79,14 +79,32 @@ def _ci_limitation(metrics: dict | None) -> str:
             f"`{metrics.get('split', '?')}` split.")
 
 
-def _preprocessing_text(pp: serving.ServingConfig) -> str:
+def _preprocessing_text(pp: preprocessing.PreprocessConfig) -> str:
     crop = "fundus circle crop to its bounding square" if pp.crop == "fundus" else "no crop"
     clahe = (f" -> CLAHE on the green channel (clip limit {pp.clahe_clip_limit}, "
              f"{pp.clahe_tile_grid}x{pp.clahe_tile_grid} tiles)" if pp.clahe else "")
     ben = f" -> Ben Graham (sigma {pp.ben_graham_sigma} at 512 px)" if pp.ben_graham else ""
-    return (f"Decode (RGB) -> {crop} -> resize to {pp.dataset_image_size} px{clahe}{ben} -> "
+    return (f"Decode (RGB) -> {crop} -> resize to {pp.image_size} px{clahe}{ben} -> "
             f"resize to the model input {pp.model_image_size} px, pixels in [0, 255] "
             "(normalisation inside the model).")
+
+
+def gradability_section(pp: preprocessing.PreprocessConfig, fmt: str) -> list[str]:
+    """Model-card lines on the per-image status outputs (SavedModel only)."""
+    if fmt != "saved_model":
+        return []
+    return [
+        "## Image quality and errors", "",
+        "Every image gets probabilities, but check two flags first. `ok` is false (and "
+        "`error` says why) when the bytes could not be used: empty, not an image, "
+        "truncated, corrupt JPEG data, above the pixel or decoded-size cap; ignore that "
+        "image's probabilities. `gradable` is false when `quality` lists a reason: "
+        f"`no_fundus_field` (no circular field of view found), `too_dark` (mean luma in "
+        f"the field below {pp.dark_threshold:g} of 255), `small_field` (field diameter "
+        f"below {pp.small_field_fraction:g} of the shorter side or {pp.small_field_pixels:g}"
+        " original pixels). These are the checks and thresholds prepare recorded for the "
+        "training images (same code); the model was not trained to recognise ungradable "
+        "images, so its output on them is not meaningful.", ""]
 
 
 def model_card(spec: "ServingSpec", dataset_info: dict, metrics: dict | None = None, *,
@@ -131,6 +149,7 @@ def model_card(spec: "ServingSpec", dataset_info: dict, metrics: dict | None = N
         _tta_text(spec), "",
         "## Pre-processing", "",
         _preprocessing_text(pp), "",
+        *gradability_section(pp, fmt),
         "## Intended use", "",
         "Research and education on retinal images like the training data (same cameras, "
         "populations and grading protocol); comparison of methods; a starting point for "

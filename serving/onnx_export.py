@@ -98,20 +98,23 @@ def preprocessing_json(spec: exporting.ServingSpec) -> dict:
                   "layout": "NHWC", "channels": "RGB", "value_range": [0, 255]},
         "steps": [
             "decode to uint8 RGB (JPEG: at the largest 1/2, 1/4, 1/8 DCT scale whose shorter "
-            "side stays >= dataset_image_size, when reduced_decode)",
+            "side stays >= image_size, when reduced_decode); EXIF orientation applied, "
+            "16-bit -> 8-bit, alpha composited on black, grayscale -> RGB",
             "crop='fundus': find the field-of-view circle, crop its bounding square "
             "(side round(2r), zero-padded where the frame clips it); crop='none': whole frame",
-            "resize to dataset_image_size x dataset_image_size (area average when shrinking, "
+            "resize to image_size x image_size (area average when shrinking, "
             "bicubic when enlarging), round to uint8",
             "clahe='green': cv2.createCLAHE(clahe_clip_limit, (clahe_tile_grid,) * 2) on the "
             "green channel",
-            "ben_graham: 4 * (img - GaussianBlur(img, sigma * dataset_image_size / 512)) + 128,"
+            "ben_graham: 4 * (img - GaussianBlur(img, sigma * image_size / 512)) + 128,"
             " black outside 95% of the inscribed circle (fundus crop only)",
+            "JPEG round trip at jpeg_quality (TF's encoder; decode with the accurate IDCT), "
+            "as prepare stores the training images",
             "input_pipeline.pipeline.preprocess_image: resize to the model size, float32 "
             "in [0, 255]; normalisation is inside the model",
         ],
-        "reference_implementation": "input_pipeline.preprocessing.process_image, then "
-                                    "input_pipeline.pipeline.preprocess_image",
+        "reference_implementation": "input_pipeline.preprocessing.process, then "
+                                    "input_pipeline.preprocessing.model_pixels",
         "config": spec.preprocess.to_json(),
         **{k: v for k, v in spec.to_json().items() if k != "preprocessing"},
     }

@@ -1,14 +1,17 @@
 """Batch prediction on image files with an exported SavedModel or a training workdir.
 
-Files are read and checked on the host first (empty, unknown format, truncated),
-so one bad file becomes a CSV row with its `error` instead of failing its batch.
-Formats the serving graph cannot decode (TIFF, WebP, ...) are transcoded to PNG
-on the host with OpenCV. If a batch still fails inside the graph, its images
-are retried one by one to pin the error on the right file.
+Files are read on the host (missing, unreadable, empty files get their `error`
+row); formats the graph cannot decode (TIFF, WebP, ...) are transcoded to PNG
+losslessly (`preprocessing.graph_bytes`, as prepare does). Every other check
+(truncated, corrupt JPEG data, pixel caps, ...) is the graph's own: it returns
+`ok` / `error` per image, so one bad file never fails its batch. If a batch
+still fails inside the graph, its images are retried one by one.
 
 CSV columns: path, p_<class> for every class (or label), the decision
 (`grade` / `class_id` with its `class_name`, or `labels`: the present labels
-joined by ";"), error ("" when predicted).
+joined by ";"), gradable (true / false, empty on error), quality (the
+reasons an image is ungradable, ";"-joined: no_fundus_field, too_dark,
+small_field), error ("" when predicted).
 """
 
 import csv
@@ -26,13 +29,10 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from evaluation import gradcam
-from input_pipeline import serving
+from input_pipeline import preprocessing
 from serving import exporting
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-# Magic numbers of what tf.io.decode_image reads; anything else is transcoded.
-_TF_FORMATS = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF8": "GIF",
-               b"BM": "BMP"}
 
 
 class InputError(Exception):
@@ -76,10 +76,6 @@ def _missing_reason(path: pathlib.Path) -> str:
     return f"dangling symlink (its target {os.readlink(path)} does not exist)"
 
 
-def _tf_format(data: bytes) -> str | None:
-    return next((fmt for magic, fmt in _TF_FORMATS.items() if data.startswith(magic)), None)
-
-
 def read_for_serving(path: pathlib.Path) -> bytes:
     """Bytes the serving signature can decode; raises InputError with the reason."""
     if not path.exists():
@@ -87,23 +83,9 @@ def read_for_serving(path: pathlib.Path) -> bytes:
     if path.is_dir():
         raise InputError("a folder, not an image file")
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise InputError(f"unreadable file: {e.strerror or e}") from e
-    if not data:
-        raise InputError("empty file (0 bytes)")
-    fmt = _tf_format(data)
-    if fmt == "JPEG" and data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) < 0:
-        raise InputError("truncated JPEG (no end-of-image marker)")
-    if fmt == "PNG" and data.rfind(b"IEND", max(0, len(data) - 64)) < 0:
-        raise InputError("truncated PNG (no IEND chunk)")
-    if fmt is not None:
-        return data
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise InputError("not a decodable image")
-    # Lossless; OpenCV decodes to and encodes from BGR, so the colours survive.
-    return cv2.imencode(".png", image)[1].tobytes()
+        return preprocessing.graph_bytes(preprocessing.read_file(path))[0]
+    except preprocessing.ImageError as e:
+        raise InputError(e.reason) from e
 
 
 def encode_array(image: np.ndarray) -> bytes:
@@ -243,22 +225,28 @@ def _name(source: Source, index: int) -> str:
 def _row(path: str | pathlib.Path, predictor: Predictor, result: dict | str) -> dict:
     row = {"path": str(path)}
     row.update({f"p_{c}": "" for c in predictor.class_names})
+    if not isinstance(result, str) and not result.get("ok", True):
+        result = result["error"].decode()  # the graph's own check failed
     if isinstance(result, str):
-        return {**row, predictor.decision_name: "", "class_name": "", "error": result}
+        return {**row, predictor.decision_name: "", "class_name": "", "gradable": "",
+                "quality": "", "error": result}
     for name, p in zip(predictor.class_names, result["probabilities"], strict=True):
         row[f"p_{name}"] = f"{p:.6f}"
+    row.update(gradable=str(bool(result["gradable"])).lower(),
+               quality=result["quality"].decode(), error="")
     decision = result[predictor.decision_name]
     if predictor.decision_name == "labels":
         names = [c for c, on in zip(predictor.class_names, decision, strict=True) if on]
-        return {**row, "labels": ";".join(names), "error": ""}
+        return {**row, "labels": ";".join(names)}
     return {**row, predictor.decision_name: int(decision),
-            "class_name": predictor.class_names[int(decision)], "error": ""}
+            "class_name": predictor.class_names[int(decision)]}
 
 
 def columns(predictor: Predictor) -> list[str]:
     decision = ([predictor.decision_name] if predictor.decision_name == "labels"
                 else [predictor.decision_name, "class_name"])
-    return ["path", *[f"p_{c}" for c in predictor.class_names], *decision, "error"]
+    return ["path", *[f"p_{c}" for c in predictor.class_names], *decision, "gradable",
+            "quality", "error"]
 
 
 def predict_files(predictor: Predictor, paths: Sequence[Source], batch_size: int = 16,
@@ -292,7 +280,8 @@ def _predict_chunk(predictor: Predictor, chunk: Sequence[Source], offset: int,
         for i, result in zip(good, _predict_batch(predictor, list(good.values())), strict=True):
             results[i] = result
         if gradcam_dir is not None:
-            ok = {i: good[i] for i in good if not isinstance(results[i], str)}
+            ok = {i: good[i] for i in good
+                  if not isinstance(results[i], str) and results[i]["ok"]}
             _write_gradcams(predictor, ok, [results[i] for i in ok], chunk, offset, gradcam_dir)
     return [_row(_name(source, offset + i), predictor, r)
             for i, (source, r) in enumerate(zip(chunk, results, strict=True))]
@@ -329,8 +318,8 @@ def _write_gradcams(predictor: Predictor, images: dict[int, bytes], results: lis
         return
     if predictor.model is None:
         raise ValueError("Grad-CAM needs the Keras model: use --workdir, not --model")
-    x = serving.preprocess_batch(tf.constant(list(images.values())),
-                                 predictor.spec.preprocess).numpy()
+    x = preprocessing.serving_batch(tf.constant(list(images.values())),
+                                    predictor.spec.preprocess)[0].numpy()
     cams = gradcam.gradcam(predictor.model, x, **_gradcam_target(predictor, results))
     for i, image, cam in zip(images, x, cams, strict=True):
         name = f"{offset + i:05d}_{chunk[i].stem}.png"

@@ -7,7 +7,8 @@ same temperature and tuned rule. TFLite cannot run the image-bytes part of the
 SavedModel (JPEG/PNG decoding, the fundus-circle search and its crop), so the
 caller pre-processes each photograph first, with the same pipeline:
 `E/N/preprocessing.json` lists the steps and their settings, and
-`input_pipeline.serving.preprocess_batch` (TF) is the reference implementation.
+`input_pipeline.preprocessing.process` then `model_pixels` (TF) is the reference
+implementation.
 
 Quantization (`--tflite_quantization`):
 - float32: the same arithmetic as the SavedModel (differences ~1e-6).

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from evaluation import metrics, thresholds
-from input_pipeline import serving
+from input_pipeline import preprocessing
 from models import build_model, heads
 from serving import exporting, model_card
 from tests.serving_helpers import encode, synthetic_fundus
@@ -84,9 +84,11 @@ def exported(workdir, tmp_path_factory) -> pathlib.Path:
 
 
 def _in_memory(model, spec, images: list[bytes]) -> dict:
-    """serving.py pre-processing eagerly, then the Keras model and heads.probabilities."""
-    x = np.stack([serving.preprocess_bytes(tf.constant(b), spec.preprocess).numpy()
-                  for b in images])
+    """prepare's pixels (process, then the stored JPEG's model pixels) eagerly, then the
+    Keras model and heads.probabilities."""
+    x = np.stack([preprocessing.model_pixels(
+        preprocessing.process(tf.constant(b), spec.preprocess)["image"], spec.preprocess)
+        for b in images])
     logits = model(x, training=False).numpy()
     probs = heads.probabilities(logits / spec.temperature, spec.head)
     return {"probabilities": probs, "grade": thresholds.apply_rule(spec.rule, probs)}
@@ -94,7 +96,7 @@ def _in_memory(model, spec, images: list[bytes]) -> dict:
 
 def test_spec_reads_workdir_files(spec):
     assert spec.head == "coral" and spec.temperature == 1.5 and spec.rule == RULE
-    assert spec.preprocess == serving.ServingConfig(dataset_image_size=D, model_image_size=S)
+    assert spec.preprocess == preprocessing.PreprocessConfig(image_size=D, model_image_size=S)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -108,6 +110,20 @@ def test_saved_model_equals_in_memory_model(exported, model, spec, batch):
     assert got["grade"].dtype == tf.int32
     np.testing.assert_array_equal(got["grade"].numpy(), want["grade"])
     assert got["class_names"].numpy().tolist() == [[c.encode() for c in CLASSES]] * batch
+    assert got["ok"].numpy().all() and got["error"].numpy().tolist() == [b""] * batch
+    assert got["gradable"].dtype == tf.bool and got["quality"].dtype == tf.string
+    assert got["field_circle"].shape == (batch, 3)
+
+
+def test_bad_and_ungradable_images_in_one_batch(exported):
+    signature = tf.saved_model.load(str(exported)).signatures["serving_default"]
+    white = encode(np.full((80, 80, 3), 255, np.uint8), ".png")
+    got = signature(image_bytes=tf.constant([_images()[0], b"not an image", white]))
+    assert got["ok"].numpy().tolist() == [True, False, True]
+    assert got["error"].numpy()[1] == b"not an image (unrecognised format)"
+    assert got["gradable"].numpy().tolist()[1:] == [False, False]
+    assert got["quality"].numpy()[2].startswith(b"no_fundus_field")
+    assert np.isfinite(got["probabilities"].numpy()).all()  # ungradable: still scored
 
 
 def test_tensor_signature_and_decision_rule(exported, model, spec):
@@ -144,7 +160,8 @@ def test_loads_in_plain_python_without_the_project(exported, tmp_path):
     done = subprocess.run([sys.executable, "-I", "-c", code, str(exported), str(image)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "['class_names', 'grade', 'probabilities'] (1, 5)" in done.stdout
+    assert ("['class_names', 'error', 'field_circle', 'gradable', 'grade', 'ok', "
+            "'probabilities', 'quality'] (1, 5)") in done.stdout
 
 
 def test_saved_model_cli_shows_signature(exported):
@@ -154,7 +171,8 @@ def test_saved_model_cli_shows_signature(exported):
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     assert "inputs['image_bytes']" in out and "DT_STRING" in out and "shape: (-1)" in out
-    for name in ("probabilities", "grade", "class_names"):
+    for name in ("probabilities", "grade", "class_names", "ok", "error", "gradable",
+                 "quality", "field_circle"):
         assert f"outputs['{name}']" in out
 
 
@@ -178,7 +196,8 @@ def test_green_clahe_dataset_exports_with_clahe_in_the_graph(model, tmp_path):
                                atol=1e-4)
     assert not np.allclose(want["probabilities"].numpy(), without["probabilities"].numpy(),
                            atol=1e-4)  # CLAHE is really in the graph
-    assert "CLAHE on the green channel" in model_card.model_card(spec, info)
+    card = model_card.model_card(spec, info)
+    assert "CLAHE on the green channel" in card and "`gradable` is false" in card
 
 
 def test_existing_version_is_not_overwritten(exported, model, spec):

@@ -20,7 +20,7 @@ S = 32
 CLASSES = ("0", "1", "2", "3", "4")
 DATASET = {"task": "dr_grade", "num_classes": 5, "class_names": list(CLASSES),
            "image_size": 64, "preprocessing": {"crop": "fundus"}}
-# Passes the host checks (JPEG magic, end marker) but is not a JPEG inside.
+# JPEG magic and end marker, but no valid marker structure inside.
 CORRUPT_JPEG = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4 + b"\xff\xd9"
 
 
@@ -49,8 +49,8 @@ def folder(tmp_path) -> pathlib.Path:
     return root
 
 
-BAD = {"corrupt.jpg": "could not decode", "empty.png": "empty file",
-       "text.jpeg": "not a decodable image", "truncated.jpg": "truncated JPEG"}
+BAD = {"corrupt.jpg": "corrupt JPEG data", "empty.png": "empty file",
+       "text.jpeg": "not an image", "truncated.jpg": "truncated JPEG"}
 
 
 def test_find_images_recursive(folder):
@@ -91,9 +91,12 @@ def _check_rows(rows: list[dict], predictor) -> None:
     for name, reason in BAD.items():
         assert reason in by_name[name]["error"], by_name[name]
         assert by_name[name]["grade"] == "" and by_name[name]["p_0"] == ""
+        assert by_name[name]["gradable"] == ""
     for name in ("a.jpg", "b.png", "c.tif"):
         row = by_name[name]
         assert row["error"] == ""
+        # Fields of ~88 px diameter: below the 224 px minimum of a gradable image.
+        assert (row["gradable"], row["quality"]) == ("false", "small_field")
         probs = np.array([float(row[f"p_{c}"]) for c in CLASSES])
         assert abs(probs.sum() - 1) < 1e-4
         alone = predictor([predicting.read_for_serving(pathlib.Path(row["path"]))])
@@ -142,7 +145,7 @@ def test_cli_with_exported_model(folder, model_and_spec, exported, tmp_path):
     with open(out, newline="") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == ["path", *[f"p_{c}" for c in CLASSES], "grade",
-                                     "class_name", "error"]
+                                     "class_name", "gradable", "quality", "error"]
         rows = list(reader)
     assert rows[-1]["path"] == str(missing) and rows[-1]["error"] == "no such file"
     _check_rows(rows[:-1], predicting.from_model(*model_and_spec))
@@ -160,13 +163,15 @@ def test_cli_refuses_existing_out_without_overwrite(folder, exported, tmp_path):
 def test_multilabel_rows_join_present_labels():
     predictor = predicting.Predictor(
         fn=lambda b: {"probabilities": tf.constant([[0.9, 0.2, 0.7]]),
-                      "labels": tf.constant([[1, 0, 1]])},
+                      "labels": tf.constant([[1, 0, 1]]), "ok": tf.constant([True]),
+                      "gradable": tf.constant([True]), "quality": tf.constant([""])},
         task="multilabel", class_names=("dme", "dr", "amd"), decision_name="labels")
     row = predicting._row(pathlib.Path("x.png"), predictor,
                           {k: v[0] for k, v in predictor([b""]).items()})
     assert row["labels"] == "dme;amd" and row["p_dr"] == "0.200000" and row["error"] == ""
+    assert row["gradable"] == "true" and row["quality"] == ""
     assert predicting.columns(predictor) == ["path", "p_dme", "p_dr", "p_amd", "labels",
-                                             "error"]
+                                             "gradable", "quality", "error"]
 
 
 def test_predictor_api_paths_and_arrays(folder, exported, tmp_path):

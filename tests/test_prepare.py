@@ -4,8 +4,6 @@ import collections
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -93,8 +91,8 @@ def test_round_trip_labels_patients_and_pixels(tmp_path):
         i = int(r["source"][4:7])
         assert r["label"] == labels[i] and r["patient_id"] == patients[i]
         path = os.path.join(images, r["source"])
-        # The stored bytes are exactly what process_image + encode_jpeg make ...
-        expected = preprocessing.encode_jpeg(preprocessing.process_image(path, pcfg)[0], 95)
+        # The stored bytes are exactly the JPEG process_image makes ...
+        expected = preprocessing.process_image(path, pcfg)[1]["jpeg"]
         assert r["image_bytes"] == expected
         # ... and with crop=none at the source size they decode to the source pixels (JPEG).
         decoded = tf.io.decode_jpeg(r["image_bytes"]).numpy()
@@ -447,9 +445,30 @@ def test_upsample_plan_golden():
     assert _upsample(list(range(6)), labels, 2, multilabel=True) == [4, 4, 4, 4]
 
 
-def test_workers_do_not_import_tensorflow():
-    # Spawned workers import this module (and preprocessing) only; TF there would cost
-    # seconds and hundreds of MB per worker.
-    code = ("import sys, input_pipeline.prepare; "
-            "sys.exit('tensorflow' in sys.modules)")
-    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+def _garbage_scan(jpeg: bytes) -> bytes:
+    """The JPEG with random bytes over most of its scan data, markers kept."""
+    data = bytearray(jpeg)
+    start = data.find(b"\xff\xda") + 12
+    data[start:-8] = np.random.default_rng(0).integers(0, 256, len(data) - 8 - start,
+                                                       dtype=np.uint8).tobytes()
+    return bytes(data)
+
+
+def test_conversions_recorded_and_corrupt_jpeg_rejected(tmp_path):
+    csv_path, images = _make_dataset(tmp_path, [0, 1, 2, 3])
+    img_dir = tmp_path / "images"
+    _write_image(img_dir / "gray16.png", _fundus(8)[..., 0].astype(np.uint16) * 257)
+    bgra = cv2.cvtColor(cv2.cvtColor(_fundus(9), cv2.COLOR_RGB2BGR), cv2.COLOR_BGR2BGRA)
+    _write_image(img_dir / "rgba.png", bgra)
+    (img_dir / "garbage.jpg").write_bytes(_garbage_scan(cv2.imencode(".jpg", _fundus(7))[1]
+                                                        .tobytes()))
+    with open(csv_path, "a") as f:
+        f.write("gray16.png,q1,0\nrgba.png,q2,1\ngarbage.jpg,q3,2\n")
+    cfg = _config(tmp_path, csv_path, images)
+    summary = run(cfg)
+    assert _rejected(cfg.out_dir) == {6: ("garbage.jpg", "corrupt JPEG data (broken marker "
+                                          "structure or garbage in the scan data)")}
+    assert summary["conversions"] == {"16bit->8bit": 1, "alpha->black": 1, "gray->rgb": 1}
+    rows = pd.read_csv(os.path.join(cfg.out_dir, "conversions.csv"))
+    assert rows.values.tolist() == [[4, "gray16.png", "16bit->8bit;gray->rgb"],
+                                    [5, "rgba.png", "alpha->black"]]

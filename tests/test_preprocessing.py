@@ -1,470 +1,364 @@
-"""Tests of input_pipeline/preprocessing.py on small hand-made arrays and files."""
+"""input_pipeline.preprocessing / image_decode: the one TF pre-processing of prepare and serving."""
 
-import pathlib
+import io
 import struct
-import subprocess
-import sys
 import zlib
 
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+import tensorflow as tf
+from PIL import Image, ImageOps
 
+from input_pipeline import image_decode, pipeline, synthetic
 from input_pipeline import preprocessing as pp
-from input_pipeline.preprocessing import Circle, ImageError
+from tests.serving_helpers import encode, synthetic_fundus
 
 ORANGE = (200, 90, 40)  # RGB, a typical fundus albedo
+CFG = pp.PreprocessConfig(image_size=64, model_image_size=32)
+FIND = tf.function(pp.find_fundus, input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+DECODE = tf.function(lambda b: image_decode.decode(b, 64),
+                     input_signature=[tf.TensorSpec([], tf.string)])
+PROCESS = pp.process_fn(CFG)
 
 
-def disc_image(h: int, w: int, circle: Circle, color=ORANGE) -> np.ndarray:
+def disc_image(h: int, w: int, circle, color=ORANGE) -> np.ndarray:
     """uint8 RGB [h, w, 3]: black frame with a filled disc (clipped by the frame)."""
     img = np.zeros((h, w, 3), np.uint8)
-    cv2.circle(img, (round(circle.cx), round(circle.cy)), round(circle.r), color, -1)
+    cv2.circle(img, (round(circle[0]), round(circle[1])), round(circle[2]), color, -1)
     return img
 
 
-def write_rgb(path, img: np.ndarray, params=()) -> str:
-    """Writes uint8/uint16 RGB(A) or gray with OpenCV (which wants BGR order)."""
-    if img.ndim == 3:
-        code = cv2.COLOR_RGBA2BGRA if img.shape[2] == 4 else cv2.COLOR_RGB2BGR
-        img = cv2.cvtColor(img, code)
-    assert cv2.imwrite(str(path), img, list(params))
-    return str(path)
+def png_header_only(width: int, height: int, depth: int = 8, color_type: int = 0) -> bytes:
+    """A PNG whose header claims width x height (no pixel data): a decompression-bomb stand-in."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
-def assert_circle_close(found: Circle | None, true: Circle, tol: float) -> None:
-    assert found is not None
-    assert abs(found.cx - true.cx) <= tol, (found, true)
-    assert abs(found.cy - true.cy) <= tol, (found, true)
-    assert abs(found.r - true.r) <= tol, (found, true)
+def garbage_scan(jpeg: bytes) -> bytes:
+    """The JPEG with random bytes over its scan data, every marker before and after kept."""
+    data = bytearray(jpeg)
+    start = data.find(b"\xff\xda") + 12
+    data[start:-8] = np.random.default_rng(0).integers(0, 256, len(data) - 8 - start,
+                                                       dtype=np.uint8).tobytes()
+    return bytes(data)
+
+
+def decoded(data: bytes) -> dict:
+    return {k: v.numpy() for k, v in DECODE(tf.constant(data)).items()}
+
+
+def processed(data: bytes) -> dict:
+    return {k: v.numpy() for k, v in PROCESS(tf.constant(data)).items()}
 
 
 # --------------------------------------------------------------------------- decoding
 
 
-def test_read_png_keeps_rgb_order_and_values(tmp_path):
-    img = np.zeros((4, 6, 3), np.uint8)
-    img[..., 0], img[..., 1], img[..., 2] = 250, 10, 3
-    img[1, 2] = (1, 2, 3)
-    path = str(tmp_path / "rgb.png")
-    Image.fromarray(img).save(path)  # Pillow writes RGB, no OpenCV on this side
-    out, info = pp.read_image_with_info(path)
-    np.testing.assert_array_equal(out, img)
-    assert out.dtype == np.uint8 and info["converted"] == ""
-    assert info["original_size"] == [4, 6] and info["format"] == "PNG"
+def test_png_keeps_rgb_order_and_values():
+    img = np.random.default_rng(0).integers(0, 256, (9, 7, 3)).astype(np.uint8)
+    out = decoded(encode(img, ".png"))
+    assert out["ok"] and out["conversions"] == b""
+    np.testing.assert_array_equal(out["image"], img)
 
 
-def test_16bit_gray_png_is_rescaled_not_truncated(tmp_path):
-    # round(v * 255 / 65535): 257 -> 1, 32896 -> 128, 128 -> 0 (0.498), 129 -> 1 (0.502);
-    # truncation (v & 0xFF) or v >> 8 would give 1/128/128/129 or 1/128/0/0.
-    values = np.array([[0, 257, 32896, 65535, 128, 129]], np.uint16)
-    path = write_rgb(tmp_path / "g16.png", values)
-    out, info = pp.read_image_with_info(path)
-    assert out.shape == (1, 6, 3) and out.dtype == np.uint8
-    np.testing.assert_array_equal(out[0, :, 0], [0, 1, 128, 255, 0, 1])
-    np.testing.assert_array_equal(out[..., 0], out[..., 2])
-    assert info["converted"] == "16bit->8bit,gray->rgb"
+def test_16bit_gray_alpha_and_palette_conversions():
+    gray16 = np.array([[0, 128, 129, 65535, 32896]], np.uint16)  # round(v / 257)
+    out = decoded(cv2.imencode(".png", gray16)[1].tobytes())
+    np.testing.assert_array_equal(out["image"][0, :, 0], [0, 0, 1, 255, 128])
+    assert out["conversions"] == b"16bit->8bit;gray->rgb"
+    rgba = np.array([[[200, 100, 50, 255], [200, 100, 50, 128], [255, 255, 255, 0]]], np.uint8)
+    out = decoded(cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))[1].tobytes())
+    # colour * alpha / 255, rounded: 200 * 128 / 255 = 100.39 -> 100
+    np.testing.assert_array_equal(out["image"][0], [[200, 100, 50], [100, 50, 25], [0, 0, 0]])
+    assert out["conversions"] == b"alpha->black"
+    palette = Image.new("P", (4, 2))
+    palette.putpalette([10, 20, 30] * 256)
+    buf = io.BytesIO()
+    palette.save(buf, "PNG")
+    out = decoded(buf.getvalue())
+    assert out["conversions"] == b"palette->rgb" and (out["image"] == [10, 20, 30]).all()
 
 
-def test_16bit_rgb_tiff(tmp_path):
-    img = np.zeros((3, 5, 3), np.uint16)
-    img[..., 0], img[..., 1], img[..., 2] = 65535, 32896, 257
-    out, info = pp.read_image_with_info(write_rgb(tmp_path / "c16.tif", img))
-    np.testing.assert_array_equal(out[0, 0], [255, 128, 1])
-    assert info["converted"] == "16bit->8bit" and info["format"] == "TIFF"
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_matches_pil(orientation):
+    img = np.zeros((30, 50, 3), np.uint8)
+    img[:10, :20] = (250, 0, 0)  # a red block in the top-left corner
+    img[20:, 40:] = (0, 0, 250)
+    pil = Image.fromarray(img)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    pil.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    out = decoded(buf.getvalue())
+    want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))))
+    assert out["image"].shape == want.shape
+    assert np.abs(out["image"].astype(int) - want).mean() < 2  # both libjpeg, IDCT may differ
+    assert (out["conversions"] == b"exif_orientation") == (orientation != 1)
+    assert list(out["original_size"]) == list(want.shape[:2])
 
 
-def test_alpha_is_composited_on_black(tmp_path):
-    img = np.zeros((1, 3, 4), np.uint8)
-    img[0, :, :3] = (200, 100, 50)
-    img[0, :, 3] = (255, 128, 0)
-    out, info = pp.read_image_with_info(write_rgb(tmp_path / "rgba.png", img))
-    # colour * alpha / 255, rounded: 200*128/255 = 100.4, 100*128/255 = 50.2, 50*128/255 = 25.1
-    np.testing.assert_array_equal(out[0], [[200, 100, 50], [100, 50, 25], [0, 0, 0]])
-    assert info["converted"] == "alpha->black"
+def test_large_jpeg_uses_reduced_decode():
+    data = encode(synthetic_fundus(1040, 1560, radius=500), ".jpg")
+    out = image_decode.decode(tf.constant(data), 256)
+    assert out["image"].shape == (260, 390, 3) and int(out["decode_scale"]) == 4
+    assert image_decode.decode(tf.constant(data))["image"].shape == (1040, 1560, 3)
 
 
-def test_16bit_alpha_gray_alpha_palette_cmyk(tmp_path):
-    rgba16 = np.zeros((2, 2, 4), np.uint16)
-    rgba16[..., :3], rgba16[..., 3] = 65535, 32896  # white at ~50% opacity
-    out, info = pp.read_image_with_info(write_rgb(tmp_path / "rgba16.png", rgba16))
-    assert (out == 128).all() and info["converted"] == "alpha->black,16bit->8bit"
-
-    la = np.zeros((1, 2, 2), np.uint8)
-    la[..., 0], la[..., 1] = 200, (255, 64)
-    Image.fromarray(la, "LA").save(tmp_path / "la.png")
-    out, info = pp.read_image_with_info(tmp_path / "la.png")
-    np.testing.assert_array_equal(out[0, :, 0], [200, 50])  # 200 * 64 / 255 = 50.2
-    assert info["converted"] == "alpha->black,gray->rgb"
-
-    Image.fromarray(np.full((4, 4, 3), (10, 200, 30), np.uint8)).convert("P").save(
-            tmp_path / "pal.png")
-    out, info = pp.read_image_with_info(tmp_path / "pal.png")
-    assert out.shape == (4, 4, 3) and info["converted"] == "palette->rgb"
-    assert out[0, 0, 1] > 150 > out[0, 0, 0]  # still green
-
-    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")  # red
-    out, info = pp.read_image_with_info(tmp_path / "cmyk.jpg")
-    assert info["converted"] == "cmyk->rgb" and out[4, 4, 0] > 200 > 50 > out[4, 4, 1]
-
-
-def test_grayscale_png_and_jpeg_are_replicated(tmp_path):
-    gray = np.full((8, 8), 77, np.uint8)
-    for name in ("g.png", "g.jpg"):
-        out, info = pp.read_image_with_info(write_rgb(tmp_path / name, gray))
-        assert out.shape == (8, 8, 3)
-        np.testing.assert_array_equal(out[..., 0], out[..., 1])
-        np.testing.assert_array_equal(out[..., 1], out[..., 2])
-        assert abs(int(out[4, 4, 0]) - 77) <= 1
-        assert info["converted"] == "gray->rgb"
-
-
-def test_jpeg_colour_order(tmp_path):
-    img = np.zeros((16, 16, 3), np.uint8)
-    img[...] = (230, 30, 10)
-    out = pp.read_image(write_rgb(tmp_path / "red.jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 98]))
-    assert np.abs(out[8, 8].astype(int) - (230, 30, 10)).max() <= 4
-
-
-@pytest.mark.parametrize("size,target,scale", [
-    ((3504, 2336), 512, 4),   # 2336 / 4 = 584 >= 512, / 8 = 292 is too small
-    ((3504, 2336), 256, 8),
-    ((3504, 2336), 1024, 2),
-    ((3504, 2336), 2336, 1),
-    ((1000, 1000), 300, 2),
-    ((1000, 1000), 250, 4),   # exactly the shorter side / 4
-    ((3504, 2336), None, 1),
-])
-def test_reduced_scale_keeps_shorter_side(size, target, scale):
-    assert pp.reduced_scale(size, target) == scale
-
-
-def test_reduced_jpeg_decode(tmp_path):
-    img = disc_image(600, 800, Circle(399.5, 299.5, 290))
-    path = write_rgb(tmp_path / "wide.jpg", img)
-    out, info = pp.read_image_with_info(path, target_size=128)
-    assert info["decode_scale"] == 4 and info["original_size"] == [600, 800]
-    assert out.shape == (150, 200, 3)
-    full = cv2.resize(pp.read_image(path), (200, 150), interpolation=cv2.INTER_AREA)
-    assert np.abs(out.astype(int) - full).mean() < 2.0
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims width x height, with no pixel data (a 'bomb' header)."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
-
-
-def _bad_files(tmp_path) -> dict[str, str]:
-    img = disc_image(64, 64, Circle(32, 32, 28))
-    jpeg = pp.encode_jpeg(img)
-    png = cv2.imencode(".png", img)[1].tobytes()
-    files = {
-        "missing": None,
-        "empty": b"",
-        "truncated_jpeg": jpeg[: len(jpeg) // 2],
-        "truncated_png": png[: len(png) // 2],
-        "text_as_jpeg": b"patient_id,grade\n1,2\n" * 20,
-        "bomb": _png_header_only(10_000, 7_000),  # 70 MP
+def test_every_bad_input_has_its_own_error():
+    jpeg = encode(disc_image(64, 64, (32, 32, 28)), ".jpg")
+    png = encode(disc_image(64, 64, (32, 32, 28)), ".png")
+    tiff = cv2.imencode(".tiff", disc_image(64, 64, (32, 32, 28)))[1].tobytes()
+    bad = {
+        "empty": (b"", "empty image data"),
+        "text": (b"patient_id,grade\n1,2\n" * 20, "not an image"),
+        "truncated_jpeg": (jpeg[: len(jpeg) // 2], "truncated JPEG"),
+        "truncated_png": (png[: len(png) // 2], "truncated PNG"),
+        "garbage_scan": (garbage_scan(jpeg), "corrupt JPEG data"),
+        "bomb_144mp": (png_header_only(12_000, 12_000),
+                       "image too large to decode safely (> 60 MP)"),
+        # 59.3 MP, under the pixel cap, but 8 bytes per pixel decoded: refused from the header.
+        "rgba16_7700": (png_header_only(7700, 7700, 16, 6),
+                        "decoded image too large to decode safely (474 MB"),
+        "tiff": (tiff, "unsupported format in the graph: TIFF"),
     }
-    paths = {}
-    for name, data in files.items():
-        path = tmp_path / (name + (".png" if "png" in name or name == "bomb" else ".jpg"))
-        if data is not None:
-            path.write_bytes(data)
-        paths[name] = str(path)
-    return paths
+    errors = {}
+    for name, (data, want) in bad.items():
+        out = decoded(data)
+        errors[name] = out["error"].decode()
+        assert not out["ok"] and want in errors[name], name
+    assert len(set(errors.values())) == len(errors)
 
 
-def test_every_bad_file_kind_has_its_own_reason(tmp_path):
-    reasons = {}
-    for name, path in _bad_files(tmp_path).items():
-        with pytest.raises(ImageError) as e:
-            pp.read_image(path, target_size=32)
-        reasons[name] = e.value.reason
-    assert reasons["missing"] == "file not found"
-    assert "empty" in reasons["empty"]
-    assert "truncated JPEG" in reasons["truncated_jpeg"]
-    assert "truncated PNG" in reasons["truncated_png"]
-    assert "not an image" in reasons["text_as_jpeg"]
-    assert "too large" in reasons["bomb"]
-    assert len(set(reasons.values())) == len(reasons)
-
-
-def test_truncated_jpeg_that_opencv_would_decode_is_rejected(tmp_path):
-    # The reason for the marker check: OpenCV returns a part-grey image here.
-    path = _bad_files(tmp_path)["truncated_jpeg"]
-    assert cv2.imread(path) is not None
-    with pytest.raises(ImageError, match="truncated"):
-        pp.read_image(path)
+def test_graph_bytes_transcodes_tiff_losslessly():
+    img16 = (np.arange(12 * 10 * 3).reshape(12, 10, 3) * 181).astype(np.uint16)
+    data, note = pp.graph_bytes(cv2.imencode(".tiff", img16)[1].tobytes())
+    assert note == "tiff->png"
+    out = decoded(data)
+    want = ((cv2.cvtColor(img16, cv2.COLOR_BGR2RGB).astype(int) + 128) // 257)
+    np.testing.assert_array_equal(out["image"], want)
+    assert pp.graph_bytes(b"\xff\xd8\xffabc") == (b"\xff\xd8\xffabc", "")
+    with pytest.raises(pp.ImageError, match="not an image"):
+        pp.graph_bytes(b"II*\x00 garbage")
 
 
 # --------------------------------------------------------------------------- field detection
 
 
 @pytest.mark.parametrize("h,w,circle", [
-    (200, 200, Circle(100, 96, 80)),      # square capture
-    (200, 300, Circle(149, 100, 92)),     # 3:2 with black side borders
-    (200, 300, Circle(150, 100, 130)),    # circle clipped by top and bottom of the frame
-    (200, 300, Circle(160, 110, 120)),    # clipped, off-centre
-    (1200, 1800, Circle(900, 600, 780)),  # large: detected at reduced size, scaled back
+    (200, 200, (100, 96, 80)),      # square capture
+    (200, 300, (149, 100, 92)),     # 3:2 with black side borders
+    (200, 300, (150, 100, 130)),    # circle clipped by top and bottom of the frame
+    (200, 300, (160, 110, 120)),    # clipped, off-centre
+    (1200, 1800, (900, 600, 780)),  # large: detected at reduced size, scaled back
 ])
 def test_find_fundus_geometry(h, w, circle):
-    img = disc_image(h, w, circle)
-    assert_circle_close(pp.find_fundus(img), circle, tol=max(1.5, 0.005 * circle.r))
+    got, found = FIND(disc_image(h, w, circle))
+    assert found
+    np.testing.assert_allclose(got, circle, atol=max(1.5, 0.005 * circle[2]))
 
 
-def test_find_fundus_dark_and_uneven_jpeg():
-    # Under-exposed field (a few grey levels above black) with one brighter half,
-    # through JPEG (ringing at the rim) and sensor noise.
-    circle = Circle(150, 100, 92)
-    img = disc_image(200, 300, circle, color=(7, 4, 2)).astype(np.float32)
-    inside = pp.circle_mask((200, 300), circle)
-    img[inside & (np.arange(300)[None, :] < 120)] = (120, 80, 40)
-    rng = np.random.default_rng(0)
-    img += rng.normal(0, 0.7, img.shape) * inside[..., None]
-    img = np.clip(np.round(img), 0, 255).astype(np.uint8)
-    img = cv2.imdecode(np.frombuffer(pp.encode_jpeg(img, 90), np.uint8), cv2.IMREAD_COLOR)
-    assert_circle_close(pp.find_fundus(img), circle, tol=2.0)
-
-
-def test_find_fundus_ignores_notch_and_letterbox():
-    # A bright notch marker on the rim and a grey letterbox band clipping the bottom.
-    circle = Circle(150, 100, 80)
-    img = disc_image(220, 300, circle)
-    cv2.fillConvexPoly(img, np.array([[205, 40], [222, 30], [215, 48]]), ORANGE)
-    img[165:] = 0
-    assert_circle_close(pp.find_fundus(img), circle, tol=2.0)
-
-
-def test_find_fundus_grey_frame_around_field():
-    # Field on a grey rectangle on black (a screenshot-like capture): the fit
-    # must follow the bright disc, not the rectangle.
-    img = np.zeros((240, 320, 3), np.uint8)
-    img[30:210, 20:300] = 40
-    circle = Circle(200, 120, 85)
-    cv2.circle(img, (200, 120), 85, (230, 160, 120), -1)
-    img[:, :140] = np.minimum(img[:, :140], 40)
-    assert_circle_close(pp.find_fundus(img), circle, tol=2.5)
-
-
-@pytest.mark.parametrize("img", [
-    np.zeros((100, 150, 3), np.uint8),              # black
-    np.full((100, 150, 3), 128, np.uint8),          # uniform grey
-    disc_image(200, 200, Circle(100, 100, 30)),     # field of 7% of the image
-    np.full((100, 100, 3), ORANGE, np.uint8),       # field fills the frame: no rim
-], ids=["black", "uniform", "small", "full_frame"])
-def test_find_fundus_none(img):
-    assert pp.find_fundus(img) is None
-
-
-def test_find_fundus_on_synthetic_captures():
-    synthetic = pytest.importorskip("input_pipeline.synthetic")
+def test_find_fundus_on_synthetic_and_grey_framed_captures():
     rng = np.random.default_rng(3)
-    for wide, clipped, brightness in [(False, False, 1.0), (True, False, 1.0),
-                                      (True, True, 1.0), (False, False, 0.25)]:
+    for wide, clipped, brightness in [(False, False, 1.0), (True, True, 1.0),
+                                      (False, False, 0.25)]:
         img = synthetic.render_fundus(rng, 160, wide=wide, clipped=clipped,
                                       brightness=brightness)
-        true = Circle(*synthetic.field_circle(160, wide=wide, clipped=clipped))
-        assert_circle_close(pp.find_fundus(img), true, tol=3.0)
+        got, found = FIND(img)
+        assert found
+        np.testing.assert_allclose(got, synthetic.field_circle(160, wide=wide, clipped=clipped),
+                                   atol=3.0)
+    # A bright field on a grey rectangle on black: only the Otsu retry finds the disc.
+    img = np.zeros((240, 320, 3), np.uint8)
+    img[30:210, 20:300] = 40
+    cv2.circle(img, (200, 120), 85, (230, 160, 120), -1)
+    img[:, :140] = np.minimum(img[:, :140], 40)
+    got, found = FIND(img)
+    assert found
+    np.testing.assert_allclose(got, (200, 120, 85), atol=2.5)
 
 
-def test_fit_circle_exact_points():
-    t = np.linspace(0, 2 * np.pi, 50, endpoint=False)
-    pts = np.stack([12.5 + 7 * np.cos(t), -3 + 7 * np.sin(t)], axis=1)
-    np.testing.assert_allclose(pp.fit_circle(pts), (12.5, -3, 7), atol=1e-9)
-
-
-# --------------------------------------------------------------------------- crop
-
-
-def test_crop_fundus_is_exact_bounding_square():
+def test_crop_is_exact_bounding_square_and_pads_clipped_fields():
     img = np.arange(40 * 60 * 3, dtype=np.uint32).reshape(40, 60, 3).astype(np.uint8)
-    out = pp.crop_fundus(img, Circle(30.0, 20.0, 10.0))
-    # D = 20, x0 = 30 - 10, y0 = 20 - 10
-    np.testing.assert_array_equal(out, img[10:30, 20:40])
+    out = pp.crop_fundus(tf.constant(img), tf.constant([30.0, 20.0, 10.0], tf.float64))
+    np.testing.assert_array_equal(out, img[10:30, 20:40])  # D = 20, x0 = 20, y0 = 10
+    out = pp.crop_fundus(tf.constant(disc_image(200, 300, (150, 100, 130))),
+                         tf.constant([150.0, 100.0, 130.0], tf.float64)).numpy()
+    assert out.shape == (260, 260, 3) and not out[:28].any() and not out[-28:].any()
 
 
-def test_crop_fundus_pads_clipped_circle_with_zeros():
-    circle = Circle(150, 100, 130)
-    img = disc_image(200, 300, circle)
-    out = pp.crop_fundus(img)
-    assert out.shape == (260, 260, 3) and out.dtype == np.uint8
-    assert not out[:28].any() and not out[-28:].any()  # rows above/below the frame
-    np.testing.assert_array_equal(out[130, 130], ORANGE)
-    # The field is centred: its columns are symmetric around the middle.
-    cols = np.flatnonzero(out[130].any(axis=1))
-    assert abs((cols[0] + cols[-1]) / 2 - 129.5) <= 1.5
+def test_median_blur_is_the_separable_median():
+    img = np.random.default_rng(0).integers(0, 256, (23, 31)).astype(np.float32)
+    padded = np.pad(img, 2, mode="edge")
+    rows = np.median(np.stack([padded[:, j:j + 31] for j in range(5)]), axis=0)
+    want = np.median(np.stack([rows[i:i + 23] for i in range(5)]), axis=0)
+    np.testing.assert_array_equal(pp.median_blur(tf.constant(img)), want)
 
 
-def test_crop_fundus_square_and_centred_on_wide_capture():
-    circle = Circle(170, 100, 80)
-    out = pp.crop_fundus(disc_image(200, 300, circle))
-    assert out.shape[0] == out.shape[1] and abs(out.shape[0] - 160) <= 3
-    ys, xs = np.nonzero(out[..., 0])
-    assert abs(xs.mean() - (out.shape[1] - 1) / 2) <= 1
-    assert abs(ys.mean() - (out.shape[0] - 1) / 2) <= 1
-
-
-def test_crop_fundus_raises_without_field():
-    with pytest.raises(ImageError, match="no fundus field found"):
-        pp.crop_fundus(np.zeros((50, 50, 3), np.uint8))
+@pytest.mark.parametrize("seed", range(2))
+def test_otsu_threshold_matches_opencv(seed):
+    rng = np.random.default_rng(seed)
+    gray = np.concatenate([rng.normal(40, 6, 500), rng.normal(150, 20, 300 + 200 * seed)])
+    gray = np.clip(np.round(gray), 0, 255).astype(np.uint8).reshape(1, -1)
+    want, _ = cv2.threshold(gray[gray > 20].reshape(1, -1), 0, 255,
+                            cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    got = pp.otsu_threshold(tf.constant(gray, tf.float32), tf.constant(20.0, tf.float64))
+    assert float(got) == want
 
 
 # --------------------------------------------------------------------------- pixel ops
 
 
+@pytest.mark.parametrize("size,tiles,clip", [(128, 8, 2.0), (100, 8, 2.0), (130, 6, 1.0),
+                                             (64, 4, 0.0)])
+def test_clahe_matches_opencv_exactly(size, tiles, clip):
+    rng = np.random.default_rng(size)
+    green = synthetic_fundus(size, size, radius=0.45 * size, seed=size)[..., 1]
+    green = np.clip(green.astype(int) + rng.integers(-20, 20, green.shape), 0, 255)
+    green = green.astype(np.uint8)
+    want = cv2.createCLAHE(clipLimit=clip, tileGridSize=(tiles, tiles)).apply(green)
+    np.testing.assert_array_equal(pp.clahe(tf.constant(green), clip, tiles), want)
+
+
+def test_gaussian_blur_and_ben_graham():
+    img = np.random.default_rng(0).integers(0, 256, (40, 50, 3)).astype(np.float32)
+    want = cv2.GaussianBlur(img, (0, 0), 2.0)
+    got = pp.gaussian_blur(tf.constant(img), pp.gaussian_kernel(2.0)).numpy()
+    np.testing.assert_allclose(got, want, atol=0.5)  # OpenCV's float path: 8 sigma + 1 taps
+    flat = pp.ben_graham(tf.fill([64, 64, 3], tf.constant(77, tf.uint8)), 3.0).numpy()
+    assert (flat[32, 32] == 128).all() and (flat[0, 0] == 0).all()  # masked outside 95%
+
+
 def test_resize_down_is_area_average():
-    img = np.array([[0, 2, 10, 10], [4, 6, 10, 10], [0, 0, 100, 100], [0, 0, 100, 100]],
-                   np.uint8)
-    img = np.repeat(img[..., None], 3, axis=2)
-    np.testing.assert_array_equal(pp.resize(img, 2)[..., 0], [[3, 10], [0, 100]])
+    img = np.arange(16, dtype=np.uint8).reshape(4, 4, 1).repeat(3, 2) * 10
+    out = pp.resize(tf.constant(img), 2).numpy()
+    np.testing.assert_array_equal(out[..., 0], [[25, 45], [105, 125]])
 
 
-def test_resize_up_is_cubic_and_takes_height_width():
-    img = np.random.default_rng(0).integers(0, 255, (5, 7, 3), dtype=np.uint8)
-    out = pp.resize(img, (10, 14))
-    assert out.shape == (10, 14, 3) and out.dtype == np.uint8
-    np.testing.assert_array_equal(out, cv2.resize(img, (14, 10), interpolation=cv2.INTER_CUBIC))
+def test_lab_clahe_is_refused():
+    with pytest.raises(ValueError, match="green-channel CLAHE only"):
+        pp.PreprocessConfig.from_dataset_info(
+            {"image_size": 256, "preprocessing": {"crop": "fundus", "clahe": "lab"}}, 224)
+    config = pp.PreprocessConfig.from_dataset_info(
+        {"image_size": 256, "preprocessing": {"crop": "none", "ben_graham": True,
+                                               "jpeg_quality": 90},
+         "quality_thresholds": {"dark_threshold": 12.0}}, 224)
+    assert (config.crop, config.ben_graham, config.image_size, config.jpeg_quality,
+            config.dark_threshold, config.model_image_size) == ("none", True, 256, 90, 12.0, 224)
 
 
-def _low_contrast() -> np.ndarray:
-    """uint8 RGB [64, 64, 3] with channels 100..115 ramps (different per channel)."""
-    ramp = (100 + np.arange(64) // 4).astype(np.uint8)
-    img = np.zeros((64, 64, 3), np.uint8)
-    img[..., 0], img[..., 1], img[..., 2] = ramp[None, :], ramp[:, None], 120
-    return img
+# --------------------------------------------------------------------------- gradability
 
 
-def test_clahe_green_changes_only_green():
-    img = _low_contrast()
-    out = pp.apply_clahe(img, "green", clip_limit=4.0, tile_grid=4)
-    assert out.shape == img.shape and out.dtype == np.uint8
-    np.testing.assert_array_equal(out[..., [0, 2]], img[..., [0, 2]])
-    assert np.ptp(out[..., 1]) > 1.5 * np.ptp(img[..., 1])  # 15 grey levels -> 26
+@pytest.mark.parametrize("name,img,reasons", [
+    ("white", np.full((100, 100, 3), 255, np.uint8), "no_fundus_field"),
+    ("black", np.zeros((100, 100, 3), np.uint8), "no_fundus_field;too_dark"),
+    ("noise", np.random.default_rng(0).integers(0, 256, (300, 300, 3)).astype(np.uint8),
+     "no_fundus_field"),
+    ("1x1", np.full((1, 1, 3), 128, np.uint8), "no_fundus_field"),
+    ("small_field", disc_image(300, 300, (150, 150, 60)), "small_field"),
+    ("dark", disc_image(600, 600, (300, 300, 280), (12, 6, 3)), "too_dark"),
+])
+def test_ungradable_images(name, img, reasons):
+    out = processed(encode(img, ".png"))
+    assert out["ok"] and not out["gradable"], name
+    assert out["quality"].decode().split(";")[:len(reasons.split(";"))] == reasons.split(";")
+    assert out["image"].shape == (64, 64, 3)  # still cropped and resized for a prediction
 
 
-def test_clahe_lab_keeps_gray_gray_and_raises_contrast():
-    gray = np.repeat(_low_contrast()[..., 1:2], 3, axis=2)
-    out = pp.apply_clahe(gray, "lab", clip_limit=4.0, tile_grid=4)
-    assert out.shape == gray.shape and out.dtype == np.uint8
-    assert np.abs(out.astype(int)[..., 0] - out[..., 2]).max() <= 2  # no colour cast
-    assert np.ptp(out[..., 1]) > 1.5 * np.ptp(gray[..., 1])
-    with pytest.raises(ValueError, match="mode"):
-        pp.apply_clahe(gray, "hsv")
+def test_good_capture_is_gradable_and_circle_in_original_pixels():
+    img = synthetic_fundus(600, 900, radius=280, centre=(460.3, 299.6))
+    out = processed(encode(img, ".jpg"))
+    assert out["ok"] and out["gradable"] and out["quality"] == b""
+    assert int(out["decode_scale"]) == 8  # 600 / 8 = 75 >= 64
+    np.testing.assert_allclose(out["circle"], (460.3, 299.6, 280), atol=4.0)
 
 
-def test_ben_graham_constant_is_128_inside_95_percent_mask():
-    img = np.full((100, 100, 3), 90, np.uint8)
-    out = pp.ben_graham(img, sigma=5)
-    c = pp.centred_circle(100)  # centre 49.5, radius 50 -> mask radius 47.5
-    assert out.dtype == np.uint8 and (out[50, 50] == 128).all()
-    assert (out[49, 96] == 128).all()  # dx = 46.5, dy = 0.5: 46.50 px, inside
-    assert (out[49, 2] == 0).all()     # dx = 47.5, dy = 0.5: 47.503 px, just outside
-    assert not out[0, 0].any()               # corner
-    assert (out[pp.circle_mask((100, 100), c, 0.95)] == 128).all()
-    unmasked = pp.ben_graham(img, sigma=5, mask_field=False)
-    assert (unmasked == 128).all()
+def test_rgba_with_white_transparent_border_equals_the_rgb_capture():
+    rgb = synthetic_fundus(300, 450, radius=140, centre=(230.2, 149.7))
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    border = (rgb == 0).all(axis=2)
+    rgba[border] = (255, 255, 255, 0)  # white, fully transparent around the field
+    want = processed(encode(rgb, ".png"))
+    got = processed(cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))[1].tobytes())
+    assert got["conversions"] == b"alpha->black"
+    np.testing.assert_array_equal(got["image"], want["image"])
+    np.testing.assert_array_equal(got["circle"], want["circle"])
 
 
-def test_ben_graham_golden_edge():
-    # 1-D step 0 -> 100; far from the step the blur equals the image (128), at the
-    # step 4 * (100 - 50) + 128 saturates to 255 on the bright side.
-    img = np.zeros((40, 40, 3), np.uint8)
-    img[:, 20:] = 100
-    out = pp.ben_graham(img, sigma=2, mask_field=False)
-    assert (out[:, :5] == 128).all() and (out[:, -5:] == 128).all()
-    assert (out[:, 20] == 255).all() and (out[:, 19] == 0).all()
+# --------------------------------------------------------------------------- prepare = serving
 
 
-def test_quality_flags_dark_and_small():
-    circle = Circle(100, 100, 90)
-    dark = pp.quality_flags(disc_image(200, 200, circle, (12, 12, 12)), circle, scale=2)
-    assert dark["too_dark"] and abs(dark["mean_brightness"] - 12) < 0.5
-    assert not dark["small_field"] and dark["field_fraction"] == 0.9
-    bright = pp.quality_flags(disc_image(200, 200, circle), circle, scale=4)
-    assert not bright["too_dark"] and bright["field_diameter"] == 720
-    small = Circle(100, 100, 40)
-    flags = pp.quality_flags(disc_image(200, 200, small), small, scale=4)
-    assert flags["small_field"] and flags["field_fraction"] == 0.4
-    # big enough a fraction, but only 180 original pixels across (< 224)
-    assert pp.quality_flags(disc_image(200, 200, circle), circle)["small_field"]
+def _exif_rotated_jpeg(img: np.ndarray) -> bytes:
+    """JPEG of img rotated 90 degrees clockwise, with EXIF orientation 8 undoing it."""
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(np.rot90(img, -1))).save(
+        buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
 
 
-# --------------------------------------------------------------------------- pipeline
+def _rgba_white_border(img: np.ndarray) -> bytes:
+    alpha = np.where((img == 0).all(axis=2), 0, 255).astype(np.uint8)
+    rgba = np.dstack([img, alpha])
+    rgba[alpha == 0] = (255, 255, 255, 0)
+    return cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))[1].tobytes()
 
 
-def test_process_image_wide_jpeg(tmp_path):
-    circle = Circle(450, 300, 280)
-    path = write_rgb(tmp_path / "wide.jpg", disc_image(600, 900, circle))
-    img, info = pp.process_image(path, pp.PreprocessConfig(image_size=64))
-    assert img.shape == (64, 64, 3) and img.dtype == np.uint8
-    assert info["decode_scale"] == 8 and info["original_size"] == [600, 900]
-    assert_circle_close(Circle(*info["circle"]), circle, tol=4)  # 1/2 px at 1/8 scale
-    assert info["quality_too_dark"] is False and info["quality_small_field"] is False
-    assert info["converted"] == ""
-    assert np.abs(img[32, 32].astype(int) - ORANGE).max() <= 2  # JPEG
-    assert img[1, 1].max() <= 2  # crop corner outside the field
+@pytest.mark.parametrize("kind", ["jpeg", "exif_rotated_jpeg", "rgba_white_border_png"])
+def test_served_pixels_are_the_training_pixels(tmp_path, kind):
+    # prepare stores process_image's JPEG; training decodes it with pipeline.decode and
+    # pipeline.preprocess_image. The serving graph must produce those exact floats.
+    img = synthetic.render_fundus(np.random.default_rng(0), 300, wide=True)
+    data = {"jpeg": lambda: encode(img, ".jpg"),
+            "exif_rotated_jpeg": lambda: _exif_rotated_jpeg(img),
+            "rgba_white_border_png": lambda: _rgba_white_border(img)}[kind]()
+    path = tmp_path / "x.img"
+    path.write_bytes(data)
+    _, info = pp.process_image(path, CFG)
+    stored = pipeline.decode({"image_bytes": tf.constant(info["jpeg"])})["image"]
+    training = pipeline.preprocess_image(stored, CFG.model_image_size).numpy()
+    pixels, status = pp.serving_batch(tf.constant([data]), CFG)
+    np.testing.assert_array_equal(pixels[0].numpy(), training)
+    np.testing.assert_allclose(status["circle"][0], info["circle"], atol=0.05)
+    assert bool(status["gradable"][0]) == info["gradable"] == True  # noqa: E712
+    # The field is where it is in the upright photograph (EXIF applied, border black).
+    np.testing.assert_allclose(info["circle"], synthetic.field_circle(300, wide=True), atol=3.0)
 
 
-def test_process_image_reduced_matches_full_decode(tmp_path):
-    rng = np.random.default_rng(1)
-    img = disc_image(600, 900, Circle(450, 300, 280))
-    img = cv2.GaussianBlur(rng.integers(0, 255, img.shape, np.uint8), (0, 0), 6) // 2 + img // 2
-    path = write_rgb(tmp_path / "tex.jpg", img)
-    fast, _ = pp.process_image(path, pp.PreprocessConfig(image_size=128))
-    slow, info = pp.process_image(path, pp.PreprocessConfig(image_size=128,
-                                                            reduced_decode=False))
-    assert info["decode_scale"] == 1
-    assert np.abs(fast.astype(int) - slow).mean() < 3.0
-
-
-def test_process_image_options_and_errors(tmp_path):
-    path = write_rgb(tmp_path / "sq.png", disc_image(100, 100, Circle(50, 50, 45)))
-    for config in (pp.PreprocessConfig(image_size=48, clahe="lab", ben_graham=True),
-                   pp.PreprocessConfig(image_size=48, crop="none", clahe="green")):
-        img, info = pp.process_image(path, config)
-        assert img.shape == (48, 48, 3) and img.dtype == np.uint8
-    assert info["circle"] is None
-    black = write_rgb(tmp_path / "black.png", np.zeros((50, 50, 3), np.uint8))
-    with pytest.raises(ImageError, match="no fundus field found"):
-        pp.process_image(black, pp.PreprocessConfig(image_size=32))
-
-
-def test_encode_jpeg_round_trip():
-    ramp = np.arange(32, dtype=np.uint8) * 4
-    img = np.stack([ramp[None, :].repeat(32, 0), ramp[:, None].repeat(32, 1),
-                    np.full((32, 32), 60, np.uint8)], axis=2)
-    out = cv2.cvtColor(cv2.imdecode(np.frombuffer(pp.encode_jpeg(img), np.uint8), 1),
-                       cv2.COLOR_BGR2RGB)
-    assert out.shape == img.shape and np.abs(out.astype(int) - img).mean() < 1.5
-
-
-def test_module_does_not_import_tensorflow():
-    # prepare's spawned workers import this module; TensorFlow would cost each
-    # of them seconds and hundreds of MB.
-    code = ("import sys, input_pipeline.preprocessing; "
-            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parents[1],
-                            capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[]"
+def test_one_bad_image_does_not_fail_the_batch():
+    good = encode(synthetic_fundus(200, 300, radius=95), ".png")
+    # Passes every header check (IHDR, IEND) but its zlib stream is garbage: the
+    # PNG decoder raises, tf.data's ignore_errors turns that into ok=False.
+    broken = bytearray(good)
+    idat = broken.find(b"IDAT") + 4
+    broken[idat:idat + 40] = b"\x00" * 40
+    batch = tf.constant([good, bytes(broken), b"", good])
+    pixels, status = pp.serving_batch(batch, CFG)
+    assert status["ok"].numpy().tolist() == [True, False, False, True]
+    assert status["error"][2].numpy() == b"empty image data (0 bytes)"
+    assert b"could not decode" in status["error"][1].numpy()
+    np.testing.assert_array_equal(pixels[0], pixels[3])
+    mapped = next(iter(tf.data.Dataset.from_tensors(batch).map(
+        lambda b: pp.serving_batch(b, CFG)[0])))
+    np.testing.assert_array_equal(mapped, pixels)
 
 
 # --------------------------------------------------------------------------- real data
 
 
-def test_find_fundus_on_dark_mexican_images(shared_data):
+def test_dark_mexican_images_are_found(shared_data):
     root = shared_data / "mexico_fundus"
-    paths = [root / p for p in pd.read_csv(root / "labels.csv")["image"][:60]]
-    images = sorted((pp.read_image(p) for p in paths), key=lambda im: im.mean())[:6]
-    assert images[0].mean() < 20  # the darkest really are dark
-    for img in images:
-        circle = pp.find_fundus(img)
-        assert circle is not None
-        assert abs(circle.cx - 255.5) < 20 and abs(circle.cy - 255.5) < 20
-        assert 220 < circle.r < 340
+    paths = [root / p for p in pd.read_csv(root / "labels.csv")["image"][:40]]
+    outs = sorted((processed(p.read_bytes()) for p in paths),
+                  key=lambda o: o["mean_brightness"])[:5]
+    assert outs[0]["mean_brightness"] < 25  # the darkest really are dark
+    for out in outs:
+        cx, cy, r = out["circle"]
+        assert out["field_found"] and abs(cx - 255.5) < 20 and abs(cy - 255.5) < 20
+        assert 220 < r < 340
