@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "absl-py==2.5.1",
     "numpy==2.4.6",
     "opencv-python-headless==5.0.0.93",
+    "simplejpeg==1.9.0",  # libjpeg-turbo in strict mode: "Corrupt JPEG data" is an error
     "scikit-learn==1.9.1",
     "pandas==3.1.1",
     "matplotlib==3.11.2",

@@ -362,3 +362,18 @@ def test_dark_mexican_images_are_found(shared_data):
         cx, cy, r = out["circle"]
         assert out["field_found"] and abs(cx - 255.5) < 20 and abs(cy - 255.5) < 20
         assert 220 < r < 340
+
+
+def test_garbage_scan_without_ff_bytes_is_corrupt_on_the_host():
+    """Noise with no 0xFF byte keeps every marker: the structural walk passes it and TF
+    only warns, but graph_bytes (prepare, predict) refuses it by libjpeg's strict mode."""
+    jpeg = encode(synthetic_fundus(96, 96, radius=40, seed=3), ".jpg")
+    data = bytearray(jpeg)
+    start, end = data.index(b"\xff\xda") + 20, len(data) - 2
+    mid = slice(start + (end - start) // 4, start + 3 * (end - start) // 4)
+    data[mid] = np.random.default_rng(0).integers(0, 255, mid.stop - mid.start,
+                                                  dtype=np.uint8).tobytes()
+    assert decoded(bytes(data))["ok"]  # the in-graph check alone does not see it
+    with pytest.raises(pp.ImageError, match="corrupt JPEG data"):
+        pp.graph_bytes(bytes(data))
+    assert pp.graph_bytes(jpeg) == (jpeg, "")  # a sound JPEG passes untouched
