@@ -19,6 +19,8 @@ import sys
 
 from absl import app, flags, logging
 
+from training import compilation  # no keras/TF import: cheap before flag parsing
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (operative_config.gin, checkpoints/).")
 flags.DEFINE_string("split", "test", "Split to evaluate ({split}-*.tfrecord in the data dir).")
@@ -28,6 +30,8 @@ flags.DEFINE_bool("tta", None, "Average the logits of the image and its h/v flip
 flags.DEFINE_integer("n_boot", 1000, "Patient-bootstrap replicates for the 95% CIs (0: none).")
 flags.DEFINE_bool("per_class_temperature", False, "Multilabel: one temperature per label.")
 flags.DEFINE_integer("gradcam_per_kind", 4, "Grad-CAM examples of correct and of wrong cases.")
+flags.DEFINE_string("compilation_cache_dir", compilation.DEFAULT_DIR,
+                    "JAX backend: persistent XLA compilation cache ('' turns it off).")
 flags.mark_flag_as_required("workdir")
 
 
@@ -37,6 +41,7 @@ def main(argv):
     from input_pipeline.integrity import CorruptShardError
     from training.config import UnsafeConfigError
 
+    compilation.enable_compilation_cache(FLAGS.compilation_cache_dir)
     try:
         path = run.evaluate(FLAGS.workdir, FLAGS.split, FLAGS.data_dir, FLAGS.tta,
                             FLAGS.n_boot, FLAGS.per_class_temperature, FLAGS.gradcam_per_kind)

@@ -19,6 +19,8 @@ import sys
 
 from absl import app, flags, logging
 
+from training import compilation  # no keras/TF import: cheap before flag parsing
+
 FLAGS = flags.FLAGS
 DEMO_GIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.gin")
 flags.DEFINE_multi_string("gin_file", [], "Gin config files (default: configs/demo.gin).")
@@ -28,6 +30,9 @@ flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its last 
 flags.DEFINE_bool("resume_with_changes", False,
                   "Like --resume, but accept a config that differs from the workdir's "
                   "(the changes are recorded in the workdir).")
+flags.DEFINE_string("compilation_cache_dir", compilation.DEFAULT_DIR,
+                    "JAX backend: persistent XLA compilation cache ('' turns it off); a "
+                    "second start of the same run skips compiling.")
 
 
 def main(argv):
@@ -35,6 +40,7 @@ def main(argv):
     from input_pipeline.integrity import CorruptShardError
     from training import config, experiment
 
+    compilation.enable_compilation_cache(FLAGS.compilation_cache_dir)
     try:
         config.parse(FLAGS.gin_file or [DEMO_GIN], FLAGS.gin_bindings)
     except ValueError as e:  # unknown configurable or parameter, syntax, unsafe import

@@ -12,7 +12,9 @@ Training order (each choice made for memory or speed, see the comments in
       -> shuffle -> repeat -> [sampling] -> enumerate
       -> decode + preprocess + augment (one fused map) -> batch -> prefetch
 
-Pixels: the pipeline hands out float32 in [0, 255]; normalisation is the model's.
+Pixels: the pipeline hands out float32 in [0, 255] (or, with `pixel_dtype="uint8"`,
+the same rounded to uint8: a quarter of the bytes to batch and to copy to an
+accelerator, where the model casts back); normalisation is the model's.
 Per-example augmentation seeds are `fold_in(seed, element index)`, so with
 `deterministic=True` two iterations of two datasets built alike are identical.
 """
@@ -214,7 +216,8 @@ def make_dataset(file_pattern: str, batch_size: int, training: bool, image_size:
                  sampling: str | None = None, class_counts=None, normal_count=None,
                  with_info: bool = False, keep_keys: tuple[str, ...] | None = None,
                  repeat: bool | None = None, cycle_length: int = 8,
-                 threadpool_size: int | None = None) -> tf.data.Dataset:
+                 threadpool_size: int | None = None,
+                 pixel_dtype: str = "float32") -> tf.data.Dataset:
     """Batches of prepared TFRecords for `fit` / `evaluate` / `predict`.
 
     Args:
@@ -245,12 +248,17 @@ def make_dataset(file_pattern: str, batch_size: int, training: bool, image_size:
         repeat: repeat forever; default `training`.
         cycle_length: shard files read concurrently.
         threadpool_size: private tf.data thread pool size (None: the shared one).
+        pixel_dtype: "float32" or "uint8" (rounded after augmentation; training on
+            an accelerator: 4x less host->device traffic, measured 21.1 -> 18.0 ms
+            per ConvNeXt-Tiny step on an H200, benchmarks/train_e2e.py).
 
     Returns:
-        A dataset of (image float32 [B, S, S, 3] in [0, 255], label int32 [B] or
+        A dataset of (image `pixel_dtype` [B, S, S, 3] in [0, 255], label int32 [B] or
         float32 [B, C]), or dicts of `keep_keys` (tf.string [B] for the info keys).
     """
     _check_sampling(sampling, task)
+    if pixel_dtype not in ("float32", "uint8"):
+        raise ValueError(f"pixel_dtype must be 'float32' or 'uint8', got {pixel_dtype!r}")
     files = shard_files(file_pattern)
     repeat = training if repeat is None else repeat
     keep_keys = INFO_KEYS if with_info else (tuple(keep_keys) if keep_keys else None)
@@ -287,6 +295,8 @@ def make_dataset(file_pattern: str, batch_size: int, training: bool, image_size:
             f = preprocess(decode(f), image_size)
         if training:
             f = augment(f, config, tf.random.experimental.stateless_fold_in(augment_seed, index))
+        if pixel_dtype == "uint8":  # values are in [0, 255]: rounding cannot wrap
+            f = {**f, "image": tf.cast(tf.round(f["image"]), tf.uint8)}
         return _to_output(f, keep_keys)
 
     ds = ds.enumerate().map(element, num_parallel_calls=AUTOTUNE)

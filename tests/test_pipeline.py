@@ -111,6 +111,18 @@ def test_deterministic_mode_gives_identical_batches(shards):
     assert any(not np.array_equal(a[0], b[0]) for a, b in zip(first, other, strict=True))
 
 
+def test_uint8_training_batches_are_the_rounded_float_batches(shards):
+    def batches(pixel_dtype):
+        ds = _make(shards, training=True, seed=3, deterministic=True, pixel_dtype=pixel_dtype)
+        return [x.numpy() for x, _ in ds.take(3)]
+    for f, u in zip(batches("float32"), batches("uint8"), strict=True):
+        assert u.dtype == np.uint8
+        np.testing.assert_array_equal(u, np.round(f).astype(np.uint8))
+        assert np.abs(u - f).max() <= 0.5 and f.max() > 1  # real images, not all black
+    with pytest.raises(ValueError, match="pixel_dtype"):
+        _make(shards, pixel_dtype="float16")
+
+
 def test_cache_gives_the_same_eval_images(shards):
     plain = [b[0].numpy() for b in _make(shards)]
     ds = _make(shards, cache=True)

@@ -46,7 +46,7 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 # Arguments `_build_model` passes to models.build_model (bind train.X, never build_model.X).
 _MODEL_ARGS = ("name", "task", "num_classes", "image_size", "weights", "dropout", "head")
 _DATASET_ARGS = ("file_pattern", "batch_size", "training", "image_size", "task", "num_classes",
-                 "seed", "deterministic", "augment_config")
+                 "seed", "deterministic", "augment_config", "pixel_dtype")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,10 +237,13 @@ def _build_datasets(data_dir, info, task, image_size, batch_size, seed, determin
     common = dict(batch_size=batch_size, image_size=image_size, task=task,
                   num_classes=info["num_classes"], seed=seed, deterministic=deterministic)
     augment_config = augment.config_for_modality(modality_lib.modality_of(info))
+    # uint8 training batches: a quarter of the host->device copy (the model casts them
+    # back to float32 on the device; rounding after augmentation moves < 0.5 levels).
     train_ds = pipeline.make_dataset(os.path.join(data_dir, "train-*.tfrecord"),
-                                     training=True, augment_config=augment_config, **common)
+                                     training=True, augment_config=augment_config,
+                                     pixel_dtype="uint8", **common)
     val_ds = pipeline.make_dataset(os.path.join(data_dir, "val-*.tfrecord"), training=False,
-                                   **common)
+                                   pixel_dtype="float32", **common)
     # A known length spares Keras the "input ran out of data" warning after each validation.
     val_batches = math.ceil(info["splits"]["val"]["num_examples"] / batch_size)
     val_ds = val_ds.apply(tf.data.experimental.assert_cardinality(val_batches))
@@ -582,7 +585,7 @@ def _stage_callbacks(workdir, stage, best, patience, tb_info, val_ds, head, appe
     if write_operative:  # a resumed run keeps the record of what was trained
         out.append(cb.OperativeConfigWriter(os.path.join(workdir, "operative_config.gin")))
     if tb_info:
-        out.append(keras.callbacks.TensorBoard(tb_dir, write_graph=False, profile_batch=0))
+        out.append(cb.EpochTensorBoard(tb_dir, write_graph=False, profile_batch=0))
         if tb_info["task"] != "multilabel" and head is not None:
             decoder = _decoder(tb_info["task"], head, len(tb_info["class_names"]))
             out.append(cb.ConfusionMatrixImage(val_ds, decoder, tb_info["class_names"],

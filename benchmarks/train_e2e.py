@@ -1,0 +1,403 @@
+"""End-to-end GPU training throughput: `train.py` itself vs its own compiled step.
+
+Run on the GPU machine (JAX backend, tf.data on the host CPUs):
+
+    KERAS_BACKEND=jax python3 -m benchmarks.train_e2e --model=convnext_tiny --image_size=224
+
+One call measures one model and prints, side by side:
+
+- input: `make_dataset` alone as `train` builds it (streamed, default augmentation),
+  iterated the way Keras' JAX trainer does (numpy batches), img/s;
+- step: the jitted stateless step on device-resident data
+  (`benchmarks.train_throughput --framework=keras`), img/s;
+- train: `train.py` (its gin defaults plus the model flags: callbacks, metrics,
+  checkpoints, TensorBoard, BackupAndRestore) on prepared synthetic shards;
+  steady-state img/s over epochs 2.. (training time only, synced on the device at
+  each epoch's end), the GPU busy fraction over those epochs (NVML utilisation:
+  the share of time a kernel was running), and the wall time from process start
+  to the first finished step (the mtime of operative_config.gin, written then);
+- repeat: the same `train.py` run again in a fresh workdir: the first step with
+  a warm persistent compilation cache;
+- ablation: `model.fit` on the same model, loss, metrics and optimizer with one
+  thing toggled at a time (no metrics; a fixed batch already in host memory vs
+  the pipeline; uint8 vs float32 pixels across the host-device copy; a callback
+  that reads each step's logs), which gives the per-step cost breakdown.
+
+Every measurement runs in its own process. Data: `input_pipeline.synthetic`
+images prepared by `input_pipeline.prepare` into --work_dir (made once).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+_START = time.perf_counter()
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "convnext_tiny", "fundusflow registry name.")
+flags.DEFINE_integer("image_size", 224, "Model input size.")
+flags.DEFINE_integer("batch_size", 64, "Global batch size.")
+flags.DEFINE_string("precision", "mixed_bfloat16", "train.precision.")
+flags.DEFINE_integer("steps_per_epoch", 100, "train.steps_per_epoch.")
+flags.DEFINE_integer("epochs", 4, "train.epochs (the first one compiles).")
+flags.DEFINE_integer("num_images", 800, "Synthetic images (70 % train).")
+flags.DEFINE_integer("prepare_size", 256, "Side length of the prepared images.")
+flags.DEFINE_string("work_dir", "/tmp/fundusflow_e2e", "Data, workdirs, caches.")
+flags.DEFINE_list("parts", ["input", "step", "train", "repeat", "ablation"], "What to run.")
+flags.DEFINE_list("ablation", ["fixed_nometrics", "fixed", "fixed_uint8", "fixed_sync",
+                               "pipeline"], "Ablation variants (see _ABLATIONS).")
+flags.DEFINE_integer("ablation_steps", 60, "Timed steps per ablation variant.")
+flags.DEFINE_multi_string("train_bindings", [], "Extra gin bindings for the train.py runs.")
+flags.DEFINE_string("json_out", "", "Optional path for all results as JSON.")
+flags.DEFINE_string("part", "", "Internal: run one measurement in this process.")
+flags.DEFINE_string("run_name", "run", "Internal: the train part's workdir name.")
+
+
+def _data_dir() -> str:
+    return os.path.join(FLAGS.work_dir, f"prepared_{FLAGS.prepare_size}")
+
+
+def _make_data() -> None:
+    """Synthetic images -> prepared shards, once per --work_dir and --prepare_size."""
+    out = _data_dir()
+    if os.path.exists(os.path.join(out, "dataset.json")):
+        return
+    raw = os.path.join(FLAGS.work_dir, "raw")
+    py = sys.executable
+    if not os.path.exists(os.path.join(raw, "labels.csv")):
+        subprocess.run([py, "-m", "input_pipeline.synthetic", f"--out_dir={raw}",
+                        f"--num_images={FLAGS.num_images}", "--image_size=256", "--seed=0"],
+                       check=True)
+    subprocess.run([py, "-m", "input_pipeline.prepare", f"--labels_csv={raw}/labels.csv",
+                    f"--images_dir={raw}", f"--out_dir={out}", "--task=dr_grade",
+                    "--label_column=dr_grade", f"--image_size={FLAGS.prepare_size}",
+                    "--num_shards=16", f"--workers={os.cpu_count()}"], check=True)
+
+
+def _train_cache() -> str:
+    return os.path.join(FLAGS.work_dir, f"jax_cache_train_{FLAGS.model}")
+
+
+def _train_bindings() -> list[str]:
+    return [f'train.data_dir = "{_data_dir()}"', f'train.model = "{FLAGS.model}"',
+            f"train.image_size = {FLAGS.image_size}", f"train.batch_size = {FLAGS.batch_size}",
+            f"train.epochs = {FLAGS.epochs}", f"train.steps_per_epoch = {FLAGS.steps_per_epoch}",
+            f'train.precision = "{FLAGS.precision}"', "train.jit_compile = True",
+            "train.bn_recalibration_batches = 0", *FLAGS.train_bindings]
+
+
+# ----------------------------------------------------------------------------- GPU busy
+
+
+class GpuBusy:
+    """Samples NVML's GPU utilisation (share of time a kernel ran) every 50 ms while on."""
+
+    def __init__(self):
+        self.samples, self._on, self._handle = [], False, None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self._nvml = pynvml
+        except Exception:  # no NVML (CPU machine): report None
+            return
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self):
+        while True:
+            if self._on:
+                self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+            time.sleep(0.05)
+
+    def set(self, on: bool):
+        self._on = on
+
+    @property
+    def fraction(self):
+        return sum(self.samples) / len(self.samples) / 100.0 if self.samples else None
+
+
+def _sync(model) -> None:
+    """Waits for the device to finish every dispatched step (JAX; no-op elsewhere)."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        jax.block_until_ready([v.value for v in model.trainable_variables[-1:]])
+
+
+def _epoch_recorder(base):
+    """A subclass of `base` (a Callback) that records each epoch's training seconds,
+    synced on the device before validation, and samples GPU busy after epoch 1."""
+
+    class Recorder(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.epoch_seconds, self.gpu = [], GpuBusy()
+            self._t = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            super().on_epoch_begin(epoch, logs)
+            self.gpu.set(len(self.epoch_seconds) >= 1)
+            self._t = time.perf_counter()
+
+        def _record(self):
+            if self._t is not None:
+                _sync(self.model)
+                self.epoch_seconds.append(time.perf_counter() - self._t)
+                self.gpu.set(False)
+                self._t = None
+
+        def on_test_begin(self, logs=None):  # train's epochs: validation follows
+            self._record()
+            super().on_test_begin(logs)
+
+        def on_epoch_end(self, epoch, logs=None):  # fit without validation
+            self._record()
+            super().on_epoch_end(epoch, logs)
+
+    return Recorder
+
+
+def _steady(epoch_seconds: list[float], steps: int) -> float:
+    later = epoch_seconds[1:]
+    return len(later) * steps * FLAGS.batch_size / sum(later) if later else float("nan")
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+def part_input() -> dict:
+    """make_dataset as train builds it, consumed as numpy batches (Keras' JAX adapter)."""
+    from training import experiment
+
+    info = experiment.load_dataset_info(_data_dir())
+    train_ds, _, _ = experiment._build_datasets(
+        _data_dir(), info, info["task"], FLAGS.image_size, FLAGS.batch_size, 0, False, None)
+    it = train_ds.as_numpy_iterator()
+    for _ in range(20):
+        batch = next(it)
+    n = 100
+    t0 = time.perf_counter()
+    for _ in range(n):
+        batch = next(it)
+    seconds = time.perf_counter() - t0
+    return {"images_per_s": n * FLAGS.batch_size / seconds, "dtype": str(batch[0].dtype)}
+
+
+def part_train() -> dict:
+    """train.py's main with Throughput subclassed to record per-epoch training time."""
+    import train as train_main
+    from training import callbacks as cb
+
+    recorder = _epoch_recorder(cb.Throughput)
+    made = []
+    cb.Throughput = lambda *a, **k: made.append(recorder(*a, **k)) or made[-1]
+    workdir = os.path.join(FLAGS.work_dir, "runs", f"{FLAGS.model}_{FLAGS.run_name}")
+    if os.path.exists(workdir):
+        import shutil
+
+        shutil.rmtree(workdir)
+    gin_file = os.path.join(FLAGS.work_dir, f"e2e_{FLAGS.model}.gin")
+    with open(gin_file, "w") as f:  # the given bindings on train's defaults (no demo.gin)
+        f.write("\n".join(_train_bindings()) + "\n")
+    FLAGS.gin_file, FLAGS.workdir = [gin_file], workdir
+    if "compilation_cache_dir" in FLAGS:  # train.py's own cache, in a folder of this run
+        FLAGS.compilation_cache_dir = _train_cache()
+    first_step = _watch_for(os.path.join(workdir, "operative_config.gin"))
+    train_main.main([])
+    with open(os.path.join(workdir, "training_summary.json")) as f:
+        summary = json.load(f)
+    rec = made[0]
+    return {"images_per_s": _steady(rec.epoch_seconds, FLAGS.steps_per_epoch),
+            "epoch_seconds": [round(s, 3) for s in rec.epoch_seconds],
+            "gpu_busy": rec.gpu.fraction,
+            "first_step_s": first_step[0] - _START if first_step else None,
+            "wall_s": time.perf_counter() - _START, "summary_images_per_s":
+            summary["images_per_s"]}
+
+
+def _watch_for(path: str) -> list:
+    """A list that gets the perf_counter time at which `path` first exists (50 ms polls):
+    train's OperativeConfigWriter writes it once the first step has finished."""
+    seen = []
+
+    def poll():
+        while not os.path.exists(path):
+            time.sleep(0.05)
+        seen.append(time.perf_counter())
+
+    threading.Thread(target=poll, daemon=True).start()
+    return seen
+
+
+# name -> (metrics, data: "fixed" | "pipeline", pixel dtype, per-step log read)
+_ABLATIONS = {
+    "fixed_nometrics": (False, "fixed", "float32", False),
+    "fixed": (True, "fixed", "float32", False),
+    "fixed_uint8": (True, "fixed", "uint8", False),
+    "fixed_sync": (True, "fixed", "float32", True),
+    "pipeline": (True, "pipeline", "float32", False),
+    "pipeline_sync": (True, "pipeline", "float32", True),
+}
+
+
+def part_ablation() -> dict:
+    """model.fit on train's model/loss/metrics/optimizer, one thing toggled at a time."""
+    import jax
+    import keras
+    import tensorflow as tf
+
+    from training import experiment
+
+    _cache_on(os.path.join(FLAGS.work_dir, "jax_cache_ablation"))
+    info = experiment.load_dataset_info(_data_dir())
+    task = info["task"]
+    keras.mixed_precision.set_global_policy(FLAGS.precision)
+    train_ds, _, _ = experiment._build_datasets(
+        _data_dir(), info, task, FLAGS.image_size, FLAGS.batch_size, 0, False, None)
+    images, labels = next(iter(train_ds))
+    net = experiment._build_model(FLAGS.model, task, info["num_classes"], FLAGS.image_size,
+                                  None, 0.0, None)
+    head = experiment._head_of(task, None)
+    loss_fn = experiment._build_loss(None, task, head, info, None, False, 10.0)
+    steps = FLAGS.ablation_steps
+    opt_kw = dict(learning_rate=1e-3, weight_decay=0.05, min_lr_ratio=0.01,
+                  backbone_lr_factor=None, head_lr_factor=1.0, use_ema=False, clipnorm=None,
+                  ema_overwrite_frequency=steps)
+    stage = experiment.Stage(0, 0, 2, True, 1.0)
+
+    class ReadLogs(keras.callbacks.Callback):  # what any batch hook costs: logs -> host
+        def on_train_batch_end(self, batch, logs=None):
+            pass
+
+    out, compiled_with = {}, None
+    for name in FLAGS.ablation:
+        with_metrics, data, dtype, read = _ABLATIONS[name]
+        if compiled_with != with_metrics:
+            experiment._compile_stage(net, stage, task, info, head, loss_fn, steps, 1.0, True,
+                                      opt_kw)
+            if not with_metrics:
+                net.compile(optimizer=net.optimizer, loss=loss_fn, jit_compile=True)
+            compiled_with = with_metrics
+        if data == "fixed":
+            x = images.numpy().round().astype(dtype) if dtype == "uint8" else images.numpy()
+            ds = tf.data.Dataset.from_tensors((x, labels.numpy())).repeat()
+        else:
+            ds = train_ds
+        rec = _epoch_recorder(keras.callbacks.Callback)()
+        cbs = [rec, ReadLogs()] if read else [rec]
+        t0 = time.perf_counter()
+        net.fit(ds, epochs=2, steps_per_epoch=steps, callbacks=cbs, verbose=0)
+        out[name] = {"images_per_s": steps * FLAGS.batch_size / rec.epoch_seconds[1],
+                     "ms_per_step": 1000 * rec.epoch_seconds[1] / steps,
+                     "first_epoch_s": rec.epoch_seconds[0], "gpu_busy": rec.gpu.fraction,
+                     "wall_s": time.perf_counter() - t0}
+        print(name, out[name], flush=True)
+    out["device"] = str(jax.devices()[0])
+    return out
+
+
+def _cache_on(path: str) -> None:
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _child(part: str, *extra: str) -> dict:
+    args = [sys.executable, "-m", "benchmarks.train_e2e", f"--part={part}", *extra,
+            *[f"--{k}={getattr(FLAGS, k)}" for k in
+              ("model", "image_size", "batch_size", "precision", "steps_per_epoch", "epochs",
+               "prepare_size", "work_dir", "ablation_steps")],
+            f"--ablation={','.join(FLAGS.ablation)}",
+            *[f"--train_bindings={b}" for b in FLAGS.train_bindings]]
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode:
+        print(f"{part} failed:\n{proc.stderr[-6000:]}", flush=True)
+        return {"error": proc.stderr[-2000:]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_s"] = time.perf_counter() - t0
+    print(part, json.dumps(result), flush=True)
+    return result
+
+
+def _step() -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_throughput", "--framework=keras",
+         f"--model={FLAGS.model}", f"--image_size={FLAGS.image_size}",
+         f"--batch_size={FLAGS.batch_size}",
+         f"--cache_dir={os.path.join(FLAGS.work_dir, 'jax_cache_step')}"],
+        capture_output=True, text=True)
+    if proc.returncode:
+        print(f"step failed:\n{proc.stderr[-4000:]}", flush=True)
+        return {"error": proc.stderr[-2000:]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print("step", json.dumps(result), flush=True)
+    return result
+
+
+def _fmt(v, spec=".0f"):
+    return "-" if v is None or v != v else format(v, spec)
+
+
+def _report(r: dict) -> None:
+    step = r.get("step", {}).get("images_per_s")
+    train = r.get("train", {})
+    print(f"\n## {FLAGS.model} {FLAGS.image_size}px, batch {FLAGS.batch_size}, {FLAGS.precision}")
+    print("| what | img/s | x step | GPU busy |")
+    print("| --- | --- | --- | --- |")
+    rows = [("stateless jitted step (device data)", step, None),
+            ("input pipeline alone (make_dataset)", r.get("input", {}).get("images_per_s"), None),
+            ("train.py steady state (epochs 2..)", train.get("images_per_s"),
+             train.get("gpu_busy"))]
+    for name, v in r.get("ablation", {}).items():
+        if isinstance(v, dict):
+            rows.append((f"fit ablation: {name}", v["images_per_s"], v.get("gpu_busy")))
+    for name, v, busy in rows:
+        ratio = v / step if v and step else None
+        print(f"| {name} | {_fmt(v)} | {_fmt(ratio, '.2f')} | {_fmt(busy, '.2f')} |")
+    print(f"first finished step: train.py {_fmt(train.get('first_step_s'), '.1f')} s, "
+          f"second start {_fmt(r.get('repeat', {}).get('first_step_s'), '.1f')} s; "
+          f"stateless step cold {_fmt(r.get('step', {}).get('first_step_s'), '.1f')} s")
+
+
+def main(_):
+    if FLAGS.part:
+        fn = {"input": part_input, "train": part_train, "ablation": part_ablation}[FLAGS.part]
+        print(json.dumps(fn()))
+        return
+    _make_data()
+    if "train" in FLAGS.parts:  # a cold first start, then "repeat" finds it warm
+        import shutil
+
+        shutil.rmtree(_train_cache(), ignore_errors=True)
+    results = {"model": FLAGS.model, "image_size": FLAGS.image_size,
+               "batch_size": FLAGS.batch_size, "train_bindings": FLAGS.train_bindings}
+    for part in FLAGS.parts:
+        if part == "step":
+            results["step"] = _step()
+        elif part == "repeat":
+            results["repeat"] = _child("train", "--run_name=repeat")
+        else:
+            results[part] = _child(part)
+    _report(results)
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
