@@ -151,11 +151,15 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
     that file's name), replaced atomically, is the commit point, and the previous
     weights file is deleted only after it. Saves at epoch ends only, so its batch
     hook returns at once and need not hold the training thread (`async_safe`).
+    `read_only`: restores from `backup_dir` but never writes it (the processes of a
+    multi-process run other than the chief, which alone writes the backup).
     """
 
-    def __init__(self, backup_dir: str, delete_checkpoint: bool = True):
+    def __init__(self, backup_dir: str, delete_checkpoint: bool = True,
+                 read_only: bool = False):
         super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=delete_checkpoint)
         self.async_safe = True
+        self.read_only = read_only
 
     def on_epoch_end(self, epoch, logs=None):
         if logs_finite(logs):
@@ -168,6 +172,8 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
             return json.load(f)
 
     def _save_model(self):
+        if self.read_only:
+            return
         os.makedirs(self.backup_dir, exist_ok=True)
         previous = self._metadata()
         name = f"epoch_{self._current_epoch:03d}.weights.h5"
