@@ -208,7 +208,8 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
             distribution_lib.synchronize_batchnorm(net, plan)
             fit_data = dict(x=plan.distribute(train_ds),
                             validation_data=plan.distribute(_val_for_fit(
-                                val_ds, plan, plan.per_process_batch(batch_size))))
+                                val_ds, plan, plan.per_process_batch(batch_size),
+                                info["splits"]["val"]["num_examples"])))
             for stage in stages:
                 if stage.index > 0:  # stage 0 was compiled above, before the workdir existed
                     _compile_stage(net, stage, task, info, head, loss_fn, steps, warmup_epochs,
@@ -296,17 +297,19 @@ def _build_datasets(data_dir, info, task, image_size, batch_size, seed, determin
     return train_ds, val_ds, int(steps_per_epoch)
 
 
-def _val_for_fit(val_ds, plan, batch: int):
-    """Validation as `fit` gets it: with several replicas, every batch full (`batch`
-    examples; the last one padded with weight-0 copies of the first example, which no
-    metric counts), since a JAX batch must split evenly over the devices:
-    (images, labels, weights float32 [B]). Else `val_ds` unchanged."""
-    if plan.num_replicas == 1:
+def _val_for_fit(val_ds, plan, batch: int, num_examples: int):
+    """Validation as `fit` gets it: with several replicas, the last batch padded to a
+    multiple of the replica count (a JAX batch must split evenly over the devices)
+    with weight-0 copies of the first example, which no metric counts; val_loss counts
+    them (Keras' loss mean divides by the batch size): at most replicas - 1 of them.
+    (images, labels, weights float32 [B]); `val_ds` unchanged with one replica."""
+    pad = -num_examples % plan.num_replicas
+    if plan.num_replicas == 1 or not pad:
         return val_ds
     batches = int(val_ds.cardinality())
     examples = val_ds.unbatch().map(lambda x, y: (x, y, tf.constant(1.0)))
-    padding = examples.take(1).map(lambda x, y, w: (x, y, 0.0 * w)).repeat(batch - 1)
-    padded = examples.concatenate(padding).batch(batch, drop_remainder=True)
+    padding = examples.take(1).map(lambda x, y, w: (x, y, 0.0 * w)).repeat(pad)
+    padded = examples.concatenate(padding).batch(batch)
     return padded.apply(tf.data.experimental.assert_cardinality(batches))
 
 

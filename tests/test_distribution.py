@@ -1,0 +1,135 @@
+"""training/distribution.py: several devices train what one device trains.
+
+The data-parallel runs use two CPU devices: JAX through
+XLA_FLAGS=--xla_force_host_platform_device_count=2, TensorFlow through two logical
+CPU devices (tests/distributed_run.py). Each backend runs in its own subprocess and
+trains the same run twice (one device, then two), with the same global batch.
+"""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.test_train import write_shards
+from training import distribution
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 21 validation examples: the last batch of 8 (5) does not split over 2 devices.
+COUNTS = {"train": 48, "val": 21}
+PARITY = ("train.deterministic = True", "train.steps_per_epoch = 6",
+          "train.bn_recalibration_batches = 2")
+
+
+def _env(backend: str, **extra) -> dict:
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
+           "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
+    env.pop("TF_CONFIG", None)
+    return env
+
+
+def _weights(path) -> dict:
+    """{dataset path: array} of a .weights.h5 file."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()])
+                     if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def _history(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "history.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_shards(str(tmp_path_factory.mktemp("data")), counts=COUNTS)
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def test_global_batch_must_divide_over_the_replicas():
+    plan = distribution.Plan("data_parallel", num_replicas=4, num_processes=2, process_id=1)
+    assert plan.per_process_batch(64) == 32 and not plan.is_chief
+    assert plan.shard() == (2, 1)
+    with pytest.raises(ValueError, match="batch_size=30 .* divisible by the 4 replicas"):
+        plan.per_process_batch(30)
+    assert distribution.Plan("none").shard() is None
+
+
+def test_learning_rate_scaling():
+    plan = distribution.Plan("data_parallel", num_replicas=8)
+    assert distribution.scaled_learning_rate(1e-3, "none", plan) == 1e-3
+    assert distribution.scaled_learning_rate(1e-3, "linear", plan) == pytest.approx(8e-3)
+    with pytest.raises(ValueError, match="lr_scaling"):
+        distribution.scaled_learning_rate(1e-3, "sqrt", plan)
+
+
+def test_auto_on_one_cpu_is_none_and_bad_kinds_are_refused(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert distribution.setup("auto").kind == "none"  # TF, one CPU device
+    with pytest.raises(ValueError, match="train.distribution must be one of"):
+        distribution.setup("mirrored")
+    with pytest.raises(ValueError, match="needs TF_CONFIG"):
+        distribution.setup("multi_worker")
+
+
+def test_each_process_reads_its_own_files(tmp_path):
+    from input_pipeline import pipeline
+
+    files = [f"f{i}" for i in range(5)]
+    assert pipeline._shard_subset(files, 2, 0) == ["f0", "f2", "f4"]
+    assert pipeline._shard_subset(files, 2, 1) == ["f1", "f3"]
+    with pytest.raises(ValueError, match="2 shard files .* for 3 readers"):
+        pipeline._shard_subset(files[:2], 3, 0)
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+def _parity(backend, data_dir, out_dir, **env):
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.distributed_run", "2", "parity", data_dir, str(out_dir),
+         *PARITY], cwd=REPO, env=_env(backend, **env), capture_output=True, text=True,
+        timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    one, two = out_dir / "none", out_dir / "data_parallel"
+    with open(two / "training_summary.json") as f:
+        summary = json.load(f)
+    assert (summary["distribution"], summary["replicas"]) == ("data_parallel", 2)
+    return one, two
+
+
+def _assert_same_run(one, two, atol):
+    name = "checkpoints/epoch_002.weights.h5"
+    w1, w2 = _weights(one / name), _weights(two / name)
+    assert w1.keys() == w2.keys() and len(w1) > 10
+    for key in w1:
+        np.testing.assert_allclose(w2[key], w1[key], atol=atol, rtol=1e-3, err_msg=key)
+    h1, h2 = _history(one), _history(two)
+    assert len(h1) == len(h2) == 2
+    for r1, r2 in zip(h1, h2, strict=True):
+        assert float(r2["loss"]) == pytest.approx(float(r1["loss"]), rel=1e-4)
+        # Confusion matrices summed over the replicas: the same QWK/F1/accuracy.
+        for metric in ("val_qwk", "val_macro_f1", "val_accuracy"):
+            assert float(r2[metric]) == pytest.approx(float(r1[metric]), abs=1e-5), metric
+    assert float(h1[-1]["val_qwk"]) > 0.3  # a trained model, not a constant prediction
+
+
+def test_jax_data_parallel_over_two_devices_trains_what_one_device_trains(data_dir, tmp_path):
+    one, two = _parity("jax", data_dir, tmp_path,
+                       XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    _assert_same_run(one, two, atol=1e-5)
+
+
+def test_tf_mirrored_over_two_cpus_trains_what_one_device_trains(data_dir, tmp_path):
+    one, two = _parity("tensorflow", data_dir, tmp_path)
+    _assert_same_run(one, two, atol=1e-5)
