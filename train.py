@@ -3,6 +3,8 @@
     python train.py                                   # the demo (configs/demo.gin)
     python train.py --gin_file=configs/X.gin --gin_bindings='train.epochs=3' --workdir=W
     python train.py --gin_file=configs/X.gin --workdir=W --resume   # after a crash
+    python train.py ... --coordinator_address=HOST:PORT --num_processes=P --process_id=I
+                                                      # JAX, one process per machine
 
 `--resume` refuses a config that differs from the one in W/config.gin (it names
 each differing binding); `--resume_with_changes` continues anyway and records the

@@ -133,3 +133,121 @@ def test_jax_data_parallel_over_two_devices_trains_what_one_device_trains(data_d
 def test_tf_mirrored_over_two_cpus_trains_what_one_device_trains(data_dir, tmp_path):
     one, two = _parity("tensorflow", data_dir, tmp_path)
     _assert_same_run(one, two, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _two_shard_data(out_dir) -> str:
+    """write_shards with the training split in two files (one per process)."""
+    import tensorflow as tf
+
+    data = write_shards(out_dir, counts={"train": 64, "val": 21})
+    src = os.path.join(data, "train-00000-of-00001.tfrecord")
+    records = list(tf.data.TFRecordDataset(src).as_numpy_iterator())
+    names = [f"train-0000{i}-of-00002.tfrecord" for i in range(2)]
+    for i, name in enumerate(names):
+        with tf.io.TFRecordWriter(os.path.join(data, name)) as w:
+            for record in records[i::2]:
+                w.write(record)
+    os.remove(src)
+    with open(os.path.join(data, "dataset.json")) as f:
+        info = json.load(f)
+    info["splits"]["train"]["files"] = names
+    with open(os.path.join(data, "dataset.json"), "w") as f:
+        json.dump(info, f)
+    return data
+
+
+def _launch(backend, workdir, data_dir, scratch, *bindings, resume=False) -> list:
+    """Two train.py processes of one job on localhost (one CPU device each)."""
+    ports = _free_ports(2)
+    procs = []
+    for i in range(2):
+        env = _env(backend, TMPDIR=str(scratch))
+        args = [f"--gin_file={os.path.join(REPO, 'configs', 'debug.gin')}",
+                f"--workdir={workdir}", f"--gin_bindings=train.data_dir = '{data_dir}'",
+                "--gin_bindings=train.distribution = 'multi_worker'", "--compilation_cache_dir=",
+                *[f"--gin_bindings={b}" for b in bindings], *(["--resume"] if resume else [])]
+        if backend == "jax":
+            args += [f"--coordinator_address=localhost:{ports[0]}", "--num_processes=2",
+                     f"--process_id={i}"]
+        else:
+            env["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"localhost:{p}"
+                                                                  for p in ports]},
+                                           "task": {"type": "worker", "index": i}})
+        log = open(scratch / f"process{i}.log", "a")  # noqa: SIM115 (closed with the process)
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.distributed_run", "1",
+                                       *args], cwd=REPO, env=env, stdout=log, stderr=log))
+    return procs
+
+
+def _wait(procs, scratch, timeout=900):
+    for i, p in enumerate(procs):
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            rc = "timeout"
+        if rc != 0:
+            log = (scratch / f"process{i}.log").read_text()[-3000:]
+            for q in procs:
+                q.kill()
+            pytest.fail(f"process {i}: {rc}\n{log}")
+
+
+def _backup_epoch(workdir) -> int:
+    meta = workdir / "backup" / "stage_0" / "training_metadata.json"
+    try:
+        return int(json.loads(meta.read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
+def test_two_processes_write_one_run_and_resume_after_a_kill(backend, tmp_path):
+    """A 2-process job on localhost: a clean run writes one workdir; then a run whose
+    process 1 is killed after epoch 1 resumes, both processes restarted, from epoch 1."""
+    import time
+
+    data_dir, scratch = _two_shard_data(str(tmp_path / "data")), tmp_path / "scratch"
+    scratch.mkdir()
+    run = ("train.epochs = 3", "train.steps_per_epoch = 16")
+    workdir = tmp_path / "w"
+    procs = _launch(backend, workdir, data_dir, scratch, *run)
+    deadline = time.time() + 900
+    while _backup_epoch(workdir) < 1 and time.time() < deadline:
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.2)
+    procs[1].kill()  # mid-epoch 2: the chief then fails or waits on its collective
+    time.sleep(2)
+    procs[0].kill()
+    for p in procs:
+        p.wait()
+    done = _backup_epoch(workdir)
+    assert done >= 1, (scratch / "process0.log").read_text()[-3000:]
+    assert not (workdir / "training_summary.json").exists()
+    _wait(_launch(backend, workdir, data_dir, scratch, *run, resume=True), scratch)
+    with open(workdir / "training_summary.json") as f:
+        summary = json.load(f)
+    assert summary["resumed"] and summary["processes"] == 2
+    assert [int(r["epoch"]) for r in _history(workdir)] == [0, 1, 2]
+    with open(workdir / "resume_log.json") as f:
+        assert [entry["after_epoch"] for entry in json.load(f)] == [done]
+    # Exactly one set of checkpoints: the chief's; process 1 left nothing behind.
+    assert sorted(os.listdir(workdir / "checkpoints")) == [
+        "best.json", "best.weights.h5", "epoch_001.weights.h5", "epoch_002.weights.h5",
+        "epoch_003.weights.h5"]
+    assert not list(scratch.glob("fundusflow_process*"))
