@@ -151,29 +151,30 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
     that file's name), replaced atomically, is the commit point, and the previous
     weights file is deleted only after it. Saves at epoch ends only, so its batch
     hook returns at once and need not hold the training thread (`async_safe`).
-    `read_only`: restores from `backup_dir` but never writes it (the processes of a
-    multi-process run other than the chief, which alone writes the backup).
+    `restore_from`: restore from that backup folder instead of `backup_dir` (the
+    processes of a multi-process run other than the chief: they save as the chief
+    does, since saving is collective on JAX, but into a private folder, and all
+    restore from the chief's backup).
     """
 
     def __init__(self, backup_dir: str, delete_checkpoint: bool = True,
-                 read_only: bool = False):
+                 restore_from: str | None = None):
         super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=delete_checkpoint)
         self.async_safe = True
-        self.read_only = read_only
+        self.restore_dir = restore_from or backup_dir
 
     def on_epoch_end(self, epoch, logs=None):
         if logs_finite(logs):
             super().on_epoch_end(epoch, logs)
 
-    def _metadata(self) -> dict | None:
-        if not os.path.exists(self._training_metadata_path):
+    def _metadata(self, folder: str | None = None) -> dict | None:
+        path = os.path.join(folder or self.backup_dir, "training_metadata.json")
+        if not os.path.exists(path):
             return None
-        with open(self._training_metadata_path) as f:
+        with open(path) as f:
             return json.load(f)
 
     def _save_model(self):
-        if self.read_only:
-            return
         os.makedirs(self.backup_dir, exist_ok=True)
         previous = self._metadata()
         name = f"epoch_{self._current_epoch:03d}.weights.h5"
@@ -190,15 +191,15 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
             os.remove(os.path.join(self.backup_dir, old))
 
     def _load_model(self):
-        meta = self._metadata()
+        meta = self._metadata(self.restore_dir)
         if meta is None:
             return
-        if "weights" not in meta:  # written by Keras' own BackupAndRestore
+        if "weights" not in meta and self.restore_dir == self.backup_dir:  # Keras' own
             super()._load_model()
             return
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
-        self.model.load_weights(os.path.join(self.backup_dir, meta["weights"]))
+        self.model.load_weights(os.path.join(self.restore_dir, meta["weights"]))
         self.model._initial_epoch = meta["epoch"]
 
 

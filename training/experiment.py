@@ -217,7 +217,9 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
                 stage_cbs = run_cbs + _stage_callbacks(
                     own, stage, best,
                     early_stopping_patience if stage.end == epochs else 0,
-                    info if tensorboard else None, val_ds, head, resumed or stage.index > 0,
+                    info if tensorboard else None, val_ds,
+                    # its confusion-matrix image calls the model on process 0 alone
+                    head if plan.num_processes == 1 else None, resumed or stage.index > 0,
                     backbone_lr_factor, not keep_operative,
                     backup_from=None if plan.is_chief else workdir)
                 net._initial_epoch = None  # else a previous stage's BackupAndRestore epoch wins
@@ -659,8 +661,8 @@ def _stage_callbacks(workdir, stage, best, patience, tb_info, val_ds, head, appe
                      backbone_lr_factor, write_operative=True, backup_from=None) -> list:
     """Callbacks of one stage; order matters: state is persisted before the backup.
 
-    backup_from: another process's workdir whose backup this one restores from and
-    never writes (non-chief processes); None: `workdir`'s, read and written.
+    backup_from: another process's workdir whose backup this one restores from
+    (non-chief processes; they write theirs in their own `workdir`); None: `workdir`'s.
     """
     tb_dir = os.path.join(workdir, "tensorboard")
     out = [cb.LearningRateLogger(optimizers.group_names(backbone_lr_factor)), best]
@@ -669,9 +671,10 @@ def _stage_callbacks(workdir, stage, best, patience, tb_info, val_ds, head, appe
     # history.csv before the backup: a crash in between leaves a row that
     # `_trim_history` drops on resume, rather than a missing row.
     out.append(keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=append))
+    stage_dir = f"stage_{stage.index}"
     out.append(cb.SafeBackupAndRestore(
-        os.path.join(_backup_root(backup_from or workdir), f"stage_{stage.index}"),
-        delete_checkpoint=False, read_only=backup_from is not None))
+        os.path.join(_backup_root(workdir), stage_dir), delete_checkpoint=False,
+        restore_from=backup_from and os.path.join(_backup_root(backup_from), stage_dir)))
     if write_operative:  # a resumed run keeps the record of what was trained
         out.append(cb.OperativeConfigWriter(os.path.join(workdir, "operative_config.gin")))
     if tb_info:
