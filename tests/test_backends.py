@@ -65,7 +65,9 @@ def test_train_on_jax_then_evaluate_and_export_on_tensorflow(tmp_path):
     cmd = _train_cmd(workdir, data_dir, "train.jit_compile = True", "train.epochs = 3",
                      "train.precision = 'mixed_bfloat16'", "train.backbone_lr_factor = 0.1",
                      "train.use_ema = True")
-    _run_jax(*cmd[1:])
+    cache = tmp_path / "jax_cache"  # train.py's persistent compilation cache, kept in tmp
+    _run_jax(*cmd[1:], f"--compilation_cache_dir={cache}")
+    assert os.listdir(cache)
     history = _history(workdir)
     assert len(history) == 3 and all(np.isfinite(float(h["loss"])) for h in history)
     assert float(history[-1]["accuracy"]) > 0.4  # chance is 0.2 (5 balanced grades)
