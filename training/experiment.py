@@ -609,10 +609,14 @@ def _jit_under(plan, jit_compile: bool) -> bool:
 
 
 def _worker_dir(workdir: str, plan) -> str:
-    """A private folder for the files a non-chief process would write (removed after)."""
+    """A private folder for the files a non-chief process writes (removed after; named
+    after the workdir, so that a restart after a kill replaces what the killed one left)."""
+    import hashlib
     import tempfile
 
-    own = tempfile.mkdtemp(prefix=f"fundusflow_process{plan.process_id}_")
+    key = hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:12]
+    own = os.path.join(tempfile.gettempdir(), f"fundusflow_process{plan.process_id}_{key}")
+    shutil.rmtree(own, ignore_errors=True)
     os.makedirs(os.path.join(own, "checkpoints"))
     logging.info("process %d: the chief writes %s; this one's files go to %s",
                  plan.process_id, workdir, own)
