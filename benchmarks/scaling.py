@@ -65,7 +65,10 @@ def _point(n: int, parts: str) -> dict:
     if done.returncode or not os.path.exists(out):
         sys.exit(f"error: the {n}-device run failed (exit {done.returncode})")
     with open(out) as f:
-        return json.load(f)
+        result = json.load(f)
+    if "images_per_s" not in result.get("train", {}):
+        sys.exit(f"error: the {n}-device train.py run failed: {result.get('train')}")
+    return result
 
 
 def _train_ips(result: dict) -> float:

@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import threading
 import time
 
 import keras
@@ -44,7 +45,9 @@ def write_json_atomic(path: str, obj) -> None:
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
+    # A temp name per thread: OperativeConfigWriter may write from Keras' callback
+    # thread while on_train_end writes the same file (a shared name lost the race).
+    tmp = f"{path}.{threading.get_ident()}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
