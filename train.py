@@ -3,6 +3,8 @@
     python train.py                                   # the demo (configs/demo.gin)
     python train.py --gin_file=configs/X.gin --gin_bindings='train.epochs=3' --workdir=W
     python train.py --gin_file=configs/X.gin --workdir=W --resume   # after a crash
+    python train.py ... --coordinator_address=HOST:PORT --num_processes=P --process_id=I
+                                                      # JAX, one process per machine
 
 `--resume` refuses a config that differs from the one in W/config.gin (it names
 each differing binding); `--resume_with_changes` continues anyway and records the
@@ -30,14 +32,22 @@ flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its last 
 flags.DEFINE_bool("resume_with_changes", False,
                   "Like --resume, but accept a config that differs from the workdir's "
                   "(the changes are recorded in the workdir).")
+flags.DEFINE_string("coordinator_address", None,
+                    "Several machines (JAX, train.distribution='multi_worker' or 'auto'): "
+                    "host:port of process 0, the same on every process "
+                    "(sets JAX_COORDINATOR_ADDRESS). TensorFlow reads TF_CONFIG instead.")
+flags.DEFINE_integer("num_processes", None, "Processes in the job (sets JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "This process, 0..num_processes-1; 0 writes the "
+                     "workdir (sets JAX_PROCESS_ID).")
+
+flags.DEFINE_string("compilation_cache_dir", compilation.DEFAULT_DIR,
+                    "JAX backend: persistent XLA compilation cache ('' turns it off); a "
+                    "second start of the same run skips compiling.")
 
 
 def _first_line(error: Exception) -> str:
     """The message without the "In call to configurable 'train'" line gin appends."""
     return str(error).splitlines()[0]
-flags.DEFINE_string("compilation_cache_dir", compilation.DEFAULT_DIR,
-                    "JAX backend: persistent XLA compilation cache ('' turns it off); a "
-                    "second start of the same run skips compiling.")
 
 
 def _errno(error: OSError) -> int | None:
@@ -48,12 +58,23 @@ def _errno(error: OSError) -> int | None:
     return error.errno
 
 
+def _export_cluster_flags():
+    """--coordinator_address/--num_processes/--process_id -> the JAX_* variables that
+    training/distribution.py reads (flags win over the environment)."""
+    for name, value in (("JAX_COORDINATOR_ADDRESS", FLAGS.coordinator_address),
+                        ("JAX_NUM_PROCESSES", FLAGS.num_processes),
+                        ("JAX_PROCESS_ID", FLAGS.process_id)):
+        if value is not None:
+            os.environ[name] = str(value)
+
+
 def main(argv):
     del argv
     from input_pipeline.integrity import CorruptShardError
     from training import config, experiment
 
     compilation.enable_compilation_cache(FLAGS.compilation_cache_dir)
+    _export_cluster_flags()
     try:
         config.parse(FLAGS.gin_file or [DEMO_GIN], FLAGS.gin_bindings)
     except ValueError as e:  # unknown configurable or parameter, syntax, unsafe import

@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import threading
 import time
 
 import keras
@@ -44,7 +45,9 @@ def write_json_atomic(path: str, obj) -> None:
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
+    # A temp name per thread: OperativeConfigWriter may write from Keras' callback
+    # thread while on_train_end writes the same file (a shared name lost the race).
+    tmp = f"{path}.{threading.get_ident()}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
@@ -149,22 +152,29 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
     weights with the old epoch (that epoch is then trained twice). Here each backup
     goes to a new `epoch_NNN.weights.h5`; `training_metadata.json` (epoch, batch and
     that file's name), replaced atomically, is the commit point, and the previous
-    weights file is deleted only after it. Saves at epoch ends only, so its batch hook
-    returns at once and need not hold the training thread at every step.
+    weights file is deleted only after it. Saves at epoch ends only, so its batch
+    hook returns at once and need not hold the training thread (`async_safe`).
+    `restore_from`: restore from that backup folder instead of `backup_dir` (the
+    processes of a multi-process run other than the chief: they save as the chief
+    does, since saving is collective on JAX, but into a private folder, and all
+    restore from the chief's backup).
     """
 
-    def __init__(self, backup_dir: str, delete_checkpoint: bool = True):
+    def __init__(self, backup_dir: str, delete_checkpoint: bool = True,
+                 restore_from: str | None = None):
         super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=delete_checkpoint)
-        self.async_safe = True  # epoch-level saves: its batch hook returns at once
+        self.async_safe = True
+        self.restore_dir = restore_from or backup_dir
 
     def on_epoch_end(self, epoch, logs=None):
         if logs_finite(logs):
             super().on_epoch_end(epoch, logs)
 
-    def _metadata(self) -> dict | None:
-        if not os.path.exists(self._training_metadata_path):
+    def _metadata(self, folder: str | None = None) -> dict | None:
+        path = os.path.join(folder or self.backup_dir, "training_metadata.json")
+        if not os.path.exists(path):
             return None
-        with open(self._training_metadata_path) as f:
+        with open(path) as f:
             return json.load(f)
 
     def _save_model(self):
@@ -184,15 +194,15 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
             os.remove(os.path.join(self.backup_dir, old))
 
     def _load_model(self):
-        meta = self._metadata()
+        meta = self._metadata(self.restore_dir)
         if meta is None:
             return
-        if "weights" not in meta:  # written by Keras' own BackupAndRestore
+        if "weights" not in meta and self.restore_dir == self.backup_dir:  # Keras' own
             super()._load_model()
             return
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
-        self.model.load_weights(os.path.join(self.backup_dir, meta["weights"]))
+        self.model.load_weights(os.path.join(self.restore_dir, meta["weights"]))
         self.model._initial_epoch = meta["epoch"]
 
 
@@ -335,7 +345,8 @@ class Throughput(keras.callbacks.Callback):
     `steady_images_per_second` leaves those first epochs out (None when no other epoch ran).
 
     Steps are counted as they start (`on_train_batch_begin` gets no logs, so it never
-    waits for the device); the clock stops when validation starts.
+    waits for the device); the clock stops when validation starts, after Keras has
+    synced the training state.
     """
 
     def __init__(self, images_per_step: int):

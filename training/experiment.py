@@ -44,6 +44,7 @@ from input_pipeline import modality as modality_lib
 from models import backbones, decision, heads, losses, metrics  # noqa: F401  (backbones: gin configurables)
 from training import callbacks as cb
 from training import config as config_lib
+from training import distribution as distribution_lib
 from training import optimizers
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
@@ -83,6 +84,7 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
           steps_per_epoch: int | None = None, bn_recalibration_batches: int = 0,
           tensorboard: bool = True, tune_thresholds_each_epoch: bool = False,
           threshold_min_recall: float = 0.3, threshold_max: float = 0.7,
+          distribution: str = "auto", lr_scaling: str = "none",
           verbose: int = 2) -> dict:
     """Trains a model on a prepared data dir; returns the training summary dict.
 
@@ -129,15 +131,25 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
             (F1-optimal with recall >= min_recall, threshold <= max) and log the
             resulting macro-F1 as `val_tuned_macro_f1` (monitor it to select the
             checkpoint as the RFMiD system did).
+        distribution: "auto" | "none" | "data_parallel" | "multi_worker": one device,
+            all local devices, or several processes (training/distribution.py);
+            `batch_size` is then the global batch, split evenly over the replicas, and
+            only process 0 writes the workdir. Not part of the plan: a run may resume
+            on another device count.
+        lr_scaling: "none" (`learning_rate` as given) or "linear" (times the replica
+            count: for a rate tuned on one device with batch_size / replicas).
     """
     t_start = time.time()
+    with _as_config_errors():  # first: multi_worker on JAX must start before any JAX op
+        plan = distribution_lib.setup(distribution)
     info = load_dataset_info(data_dir)
     task = task or info["task"]
     with _as_config_errors():  # a wrong head or monitor fails before the workdir exists
         monitor = _resolve_monitor(monitor, task, info["num_classes"], head,
                                    tune_thresholds_each_epoch)
         mode = _resolve_mode(monitor, mode)
-    _check_workdir(workdir, resume)
+    if plan.is_chief:  # the others find the chief's files there
+        _check_workdir(workdir, resume)
     changes = _check_resume_plan(workdir, data_dir, allow_changes) if resume else {}
     summary_path = os.path.join(workdir, "training_summary.json")
     if resume and os.path.exists(summary_path) and not os.path.isdir(_backup_root(workdir)):
@@ -148,17 +160,23 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
     # exists, so that a failed start leaves nothing behind.
     shards = [os.path.join(data_dir, f"{s}-*.tfrecord") for s in ("train", "val")]
     fresh = not resume  # _check_workdir: the workdir is new or empty
+    own = workdir  # where this process writes (process 0 only, in a multi-process run)
     existed = os.path.isdir(workdir)
     previous_policy = keras.mixed_precision.global_policy().name
+    in_scope = contextlib.ExitStack()
     try:
+        in_scope.enter_context(plan.scope())  # build, compile and fit on the replicas
         with integrity.naming_corrupt_shards(shards):
             with _as_config_errors():
                 _check_bindings()
                 jit_compile = _seed_everything(seed, deterministic, jit_compile)
+                jit_compile = _jit_under(plan, jit_compile)
                 _set_precision(precision)
                 train_ds, val_ds, steps = _build_datasets(
                     data_dir, info, task, image_size, batch_size, seed, deterministic,
-                    steps_per_epoch)
+                    steps_per_epoch, plan)
+                learning_rate = distribution_lib.scaled_learning_rate(learning_rate,
+                                                                      lr_scaling, plan)
                 net = _build_model(model, task, info["num_classes"], image_size, weights,
                                    dropout, head)
                 head = _head_of(task, head)
@@ -173,10 +191,16 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
                               clipnorm=clipnorm, ema_overwrite_frequency=steps)
                 stages = plan_stages(epochs, freeze_backbone_epochs, finetune_lr_factor)
                 _compile_stage(net, stages[0], task, info, head, loss_fn, steps,
-                               warmup_epochs, jit_compile, opt_kw)
+                               warmup_epochs, jit_compile, opt_kw,
+                               weighted_metrics=plan.num_replicas > 1)
             first = _first_batches(train_ds, max(1, bn_recalibration_batches))
-            resumed, keep_operative = _create_workdir(workdir, data_dir, resume, changes)
-            best = cb.BestCheckpoint(os.path.join(workdir, "checkpoints"), monitor, mode,
+            if plan.is_chief:
+                resumed, keep_operative = _create_workdir(workdir, data_dir, resume, changes)
+            else:  # writes go to a private folder; the backup is read from the chief's
+                resumed, keep_operative = resume and os.path.isdir(_backup_root(workdir)), True
+                own = _worker_dir(workdir, plan)
+                tensorboard = False
+            best = cb.BestCheckpoint(os.path.join(own, "checkpoints"), monitor, mode,
                                      checkpoint_every_epochs)
             throughput, nan_guard = cb.Throughput(batch_size), cb.TerminateOnNaN()
             run_cbs = [throughput, nan_guard]  # shared by all stages
@@ -186,30 +210,44 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
                 run_cbs.append(cb.PreciseBatchNorm([images for images, _ in first]))
             if tensorboard:
                 _log_input_grid(workdir, *first[0], info.get("class_names"))
+            distribution_lib.synchronize_batchnorm(net, plan)
+            fit_data = dict(x=plan.distribute(train_ds),
+                            validation_data=plan.distribute(_val_for_fit(
+                                val_ds, plan, plan.per_process_batch(batch_size),
+                                info["splits"]["val"]["num_examples"])))
             for stage in stages:
                 if stage.index > 0:  # stage 0 was compiled above, before the workdir existed
                     _compile_stage(net, stage, task, info, head, loss_fn, steps, warmup_epochs,
-                                   jit_compile, opt_kw)
+                                   jit_compile, opt_kw, weighted_metrics=plan.num_replicas > 1)
                 stage_cbs = run_cbs + _stage_callbacks(
-                    workdir, stage, best,
+                    own, stage, best,
                     early_stopping_patience if stage.end == epochs else 0,
-                    info if tensorboard else None, val_ds, head, resumed or stage.index > 0,
-                    backbone_lr_factor, not keep_operative)
+                    info if tensorboard else None, val_ds,
+                    # its confusion-matrix image calls the model on process 0 alone
+                    head if plan.num_processes == 1 else None, resumed or stage.index > 0,
+                    backbone_lr_factor, not keep_operative,
+                    backup_from=None if plan.is_chief else workdir)
                 net._initial_epoch = None  # else a previous stage's BackupAndRestore epoch wins
-                net.fit(train_ds, validation_data=val_ds, epochs=stage.end,
-                        initial_epoch=stage.start, callbacks=stage_cbs, **fit_kw)
+                net.fit(**fit_data, epochs=stage.end, initial_epoch=stage.start,
+                        callbacks=stage_cbs, **fit_kw)
                 if nan_guard.triggered:
                     break
-        summary = _write_artifacts(workdir, net, best, throughput, t_start, resumed,
+            distribution_lib.synchronize_batchnorm(net, None)  # model.keras loads anywhere
+        summary = _write_artifacts(own, net, best, throughput, t_start, resumed,
                                    nan_guard.triggered,
                                    dict(task=task, head=head, precision=precision,
-                                        jit_compile=bool(net.jit_compile)))
+                                        jit_compile=bool(net.jit_compile),
+                                        distribution=plan.kind, replicas=plan.num_replicas,
+                                        processes=plan.num_processes))
     except Exception:
-        if fresh:
+        if fresh and plan.is_chief:
             _remove_unstarted(workdir, existed)
         raise
     finally:
+        in_scope.close()
         keras.mixed_precision.set_global_policy(previous_policy)
+        if own != workdir:
+            shutil.rmtree(own, ignore_errors=True)
     return summary
 
 
@@ -232,13 +270,20 @@ def load_dataset_info(data_dir: str) -> dict:
 
 
 def _build_datasets(data_dir, info, task, image_size, batch_size, seed, deterministic,
-                    steps_per_epoch):
+                    steps_per_epoch, plan=None):
     """(train tf.data (repeats), val tf.data (one pass), train steps per epoch).
+
+    This process's share under `plan` (distribution.Plan): training reads its subset of
+    the shard files at `batch_size / processes` per step; validation reads all of it
+    (every process: each example counted once per process, which leaves every metric
+    unchanged). `batch_size` is the global batch, steps count global batches.
 
     Augmentation is `AugmentConfig` with the defaults of dataset.json's modality
     (`augment.config_for_modality`), caching/sampling are `make_dataset` arguments:
     bind them in gin (`AugmentConfig.hue = 0.0`, `make_dataset.cache = "auto"`).
     """
+    plan = plan or distribution_lib.Plan("none")
+    global_batch, batch_size = batch_size, plan.per_process_batch(batch_size)
     common = dict(batch_size=batch_size, image_size=image_size, task=task,
                   num_classes=info["num_classes"], seed=seed, deterministic=deterministic)
     augment_config = augment.config_for_modality(modality_lib.modality_of(info))
@@ -246,7 +291,7 @@ def _build_datasets(data_dir, info, task, image_size, batch_size, seed, determin
     # back to float32 on the device; rounding after augmentation moves < 0.5 levels).
     train_ds = pipeline.make_dataset(os.path.join(data_dir, "train-*.tfrecord"),
                                      training=True, augment_config=augment_config,
-                                     pixel_dtype="uint8", **common)
+                                     pixel_dtype="uint8", shard=plan.shard(), **common)
     val_ds = pipeline.make_dataset(os.path.join(data_dir, "val-*.tfrecord"), training=False,
                                    pixel_dtype="float32", **common)
     # A known length spares Keras the "input ran out of data" warning after each validation.
@@ -255,8 +300,24 @@ def _build_datasets(data_dir, info, task, image_size, batch_size, seed, determin
     if steps_per_epoch is None:
         n = int(train_ds.cardinality())
         steps_per_epoch = n if n > 0 else max(1, info["splits"]["train"]["num_examples"]
-                                              // batch_size)
+                                              // global_batch)
     return train_ds, val_ds, int(steps_per_epoch)
+
+
+def _val_for_fit(val_ds, plan, batch: int, num_examples: int):
+    """Validation as `fit` gets it: with several replicas, the last batch padded to a
+    multiple of the replica count (a JAX batch must split evenly over the devices)
+    with weight-0 copies of the first example, which no metric counts; val_loss counts
+    them (Keras' loss mean divides by the batch size): at most replicas - 1 of them.
+    (images, labels, weights float32 [B]); `val_ds` unchanged with one replica."""
+    pad = -num_examples % plan.num_replicas
+    if plan.num_replicas == 1 or not pad:
+        return val_ds
+    batches = int(val_ds.cardinality())
+    examples = val_ds.unbatch().map(lambda x, y: (x, y, tf.constant(1.0)))
+    padding = examples.take(1).map(lambda x, y, w: (x, y, 0.0 * w)).repeat(pad)
+    padded = examples.concatenate(padding).batch(batch)
+    return padded.apply(tf.data.experimental.assert_cardinality(batches))
 
 
 def _class_weights(class_weight, task, info) -> dict | None:
@@ -323,8 +384,13 @@ def plan_stages(epochs: int, freeze_backbone_epochs: int, finetune_lr_factor: fl
 
 
 def _compile_stage(net, stage, task, info, head, loss_fn, steps, warmup_epochs, jit_compile,
-                   opt_kw) -> None:
-    """Sets the backbone's trainable flag and compiles with a fresh optimizer."""
+                   opt_kw, weighted_metrics: bool = False) -> None:
+    """Sets the backbone's trainable flag and compiles with a fresh optimizer.
+
+    weighted_metrics: metrics count sample weights (the weight-0 padding of validation
+    under several replicas, `_val_for_fit`); with `class_weight`, the training metrics
+    are then class-weighted too.
+    """
     try:
         net.get_layer("backbone").trainable = stage.train_backbone
     except ValueError:
@@ -334,9 +400,10 @@ def _compile_stage(net, stage, task, info, head, loss_fn, steps, warmup_epochs, 
         net, total_steps=steps * (stage.end - stage.start),
         warmup_steps=int(round(warmup_epochs * steps)),
         **{**opt_kw, "learning_rate": opt_kw["learning_rate"] * stage.lr_factor})
-    net.compile(optimizer=opt, loss=loss_fn,
-                metrics=metrics.get_metrics(task, info["num_classes"], head),
-                jit_compile=jit_compile)
+    run_metrics = metrics.get_metrics(task, info["num_classes"], head)
+    net.compile(optimizer=opt, loss=loss_fn, jit_compile=jit_compile,
+                metrics=None if weighted_metrics else run_metrics,
+                weighted_metrics=run_metrics if weighted_metrics else None)
     logging.info("Stage %d: epochs %d-%d, backbone %s, %d trainable tensors, groups %s",
                  stage.index, stage.start + 1, stage.end,
                  "trained" if stage.train_backbone else "frozen",
@@ -401,7 +468,7 @@ class PlanChangedError(ValueError):
 
 
 # Bindings that change nothing trained (logging only).
-_NOT_PLAN = ("train.verbose", "train.tensorboard")
+_NOT_PLAN = ("train.verbose", "train.tensorboard", "train.distribution")
 
 
 def _check_resume_plan(workdir: str, data_dir: str, allow_changes: bool) -> dict:
@@ -537,6 +604,30 @@ def _trim_history(workdir: str) -> int:
     return done
 
 
+def _jit_under(plan, jit_compile: bool) -> bool:
+    """jit_compile, off under a TF strategy over CPUs (XLA cross-device error there,
+    PITFALLS section 9)."""
+    if jit_compile and distribution_lib.uses_cpu_strategy(plan):
+        logging.warning("jit_compile=False: XLA fails under a TF strategy over CPU devices.")
+        return False
+    return jit_compile
+
+
+def _worker_dir(workdir: str, plan) -> str:
+    """A private folder for the files a non-chief process writes (removed after; named
+    after the workdir, so that a restart after a kill replaces what the killed one left)."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:12]
+    own = os.path.join(tempfile.gettempdir(), f"fundusflow_process{plan.process_id}_{key}")
+    shutil.rmtree(own, ignore_errors=True)
+    os.makedirs(os.path.join(own, "checkpoints"))
+    logging.info("process %d: the chief writes %s; this one's files go to %s",
+                 plan.process_id, workdir, own)
+    return own
+
+
 def _seed_everything(seed: int, deterministic: bool, jit_compile: bool) -> bool:
     """Seeds Python/NumPy/backend RNGs; returns the jit_compile to use."""
     keras.utils.set_random_seed(seed)
@@ -576,8 +667,12 @@ def _auto_precision() -> str:
 
 
 def _stage_callbacks(workdir, stage, best, patience, tb_info, val_ds, head, append,
-                     backbone_lr_factor, write_operative=True) -> list:
-    """Callbacks of one stage; order matters: state is persisted before the backup."""
+                     backbone_lr_factor, write_operative=True, backup_from=None) -> list:
+    """Callbacks of one stage; order matters: state is persisted before the backup.
+
+    backup_from: another process's workdir whose backup this one restores from
+    (non-chief processes; they write theirs in their own `workdir`); None: `workdir`'s.
+    """
     tb_dir = os.path.join(workdir, "tensorboard")
     out = [cb.LearningRateLogger(optimizers.group_names(backbone_lr_factor)), best]
     if patience:
@@ -585,8 +680,10 @@ def _stage_callbacks(workdir, stage, best, patience, tb_info, val_ds, head, appe
     # history.csv before the backup: a crash in between leaves a row that
     # `_trim_history` drops on resume, rather than a missing row.
     out.append(keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=append))
+    stage_dir = f"stage_{stage.index}"
     out.append(cb.SafeBackupAndRestore(
-        os.path.join(_backup_root(workdir), f"stage_{stage.index}"), delete_checkpoint=False))
+        os.path.join(_backup_root(workdir), stage_dir), delete_checkpoint=False,
+        restore_from=backup_from and os.path.join(_backup_root(backup_from), stage_dir)))
     if write_operative:  # a resumed run keeps the record of what was trained
         out.append(cb.OperativeConfigWriter(os.path.join(workdir, "operative_config.gin")))
     if tb_info:
