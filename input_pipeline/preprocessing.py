@@ -57,6 +57,9 @@ _MIN_INLIERS = 0.25
 # Rim refinement along radial profiles, in units of the coarse radius.
 _RAYS = 360
 _INNER, _SEARCH, _OUTER = (0.80, 0.92), (0.92, 1.08), (1.08, 1.20)
+# The narrowest zone is 0.12 r wide, sampled every pixel: below r ~ 8.3 small-image
+# pixels (fields in images of a few thousand pixels) it may hold no sample at all.
+_MIN_REFINE_RADIUS = 10.0
 # Quality thresholds: mean luma (0..255) inside the field, and field diameter
 # relative to the shorter image side / in original pixels.
 DARK_MEAN_THRESHOLD = 20.0
@@ -414,12 +417,15 @@ def _edge_points(gray: tf.Tensor, circle: tf.Tensor) -> tuple[tf.Tensor, tf.Tens
 
 
 def _refine(gray: tf.Tensor, circle: tf.Tensor) -> tf.Tensor:
-    """Circle fitted to the half-way rim points, or the coarse one when that fit is poor."""
-    points, valid = _edge_points(gray, circle)
-    fit, inliers = _robust_circle(points, valid)
-    good = ((tf.reduce_sum(tf.cast(valid, tf.int32)) >= _RAYS // 8)
-            & (inliers >= _MIN_INLIERS) & (tf.abs(fit[2] - circle[2]) <= 0.1 * circle[2]))
-    return tf.where(good, fit, circle)
+    """Circle fitted to the half-way rim points, or the coarse one when that fit is poor
+    or the circle is too small for every rim zone to hold a 1-px sample."""
+    def fitted():
+        points, valid = _edge_points(gray, circle)
+        fit, inliers = _robust_circle(points, valid)
+        good = ((tf.reduce_sum(tf.cast(valid, tf.int32)) >= _RAYS // 8)
+                & (inliers >= _MIN_INLIERS) & (tf.abs(fit[2] - circle[2]) <= 0.1 * circle[2]))
+        return tf.where(good, fit, circle)
+    return tf.cond(circle[2] >= _MIN_REFINE_RADIUS, fitted, lambda: circle)
 
 
 def _fit_mask(mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -856,7 +862,11 @@ def process_bytes(data: bytes, config: PreprocessConfig) -> tuple[np.ndarray, by
         no field of view ("no fundus field found").
     """
     data, transcoded = graph_bytes(data)
-    out = {k: v.numpy() for k, v in process_fn(config)(tf.constant(data)).items()}
+    try:
+        out = {k: v.numpy() for k, v in process_fn(config)(tf.constant(data)).items()}
+    except tf.errors.InvalidArgumentError as e:
+        # A decoder failed on bytes that passed every header check (as in serving_batch).
+        raise ImageError(_DECODER_FAILED) from e
     text = {k: out[k].decode() for k in ("error", "quality", "format", "conversions")}
     if not out["ok"]:
         raise ImageError(text["error"])
