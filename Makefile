@@ -8,7 +8,7 @@ DEMO_RUN := demo_run
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test bench lint reliability clean reproduce-dr-grading reproduce-rfmid \
+.PHONY: demo test test-all bench lint reliability clean reproduce-dr-grading reproduce-rfmid \
 	reproduce-ocunet reproduce-oct reproduce-idrid
 
 $(STAMP): setup.py
@@ -18,6 +18,10 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not long" tests
+
+# Everything, the long multi-device and fault-injection runs included.
+test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # The fault and bad-input suite (kill -9, bad files, bad CSVs, ...): prints one table,

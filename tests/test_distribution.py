@@ -130,6 +130,7 @@ def _assert_same_run(one, two):
     assert float(h1[-1]["val_qwk"]) > 0.3  # a trained model, not a constant prediction
 
 
+@pytest.mark.long
 def test_jax_data_parallel_over_two_devices_trains_what_one_device_trains(data_dir, tmp_path):
     one, two = _parity("jax", data_dir, tmp_path,
                        XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -225,7 +226,7 @@ def _backup_epoch(workdir) -> int:
         return 0
 
 
-@pytest.mark.parametrize("backend", ["jax", pytest.param("tensorflow", marks=pytest.mark.xfail(
+@pytest.mark.parametrize("backend", [pytest.param("jax", marks=pytest.mark.long), pytest.param("tensorflow", marks=pytest.mark.xfail(
     strict=True, reason="open: Keras 3.15's TF fit converts the PerReplica batches of "
     "distribute_datasets_from_function to a tensor (ValueError)"))])
 def test_two_processes_write_one_run_and_resume_after_a_kill(backend, tmp_path):

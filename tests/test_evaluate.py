@@ -199,7 +199,7 @@ def test_external_data_must_match_the_model(tmp_path, monkeypatch, change, messa
     from training import experiment
 
     info = {"task": "dr_grade", "num_classes": 5, "class_names": list("01234"),
-            "image_size": 32}
+            "image_size": 32, "preprocessing": {"crop": "fundus"}}
     config = {"task": "dr_grade", "head": "coral", "data_dir": str(tmp_path / "own"),
               "image_size": 32, "batch_size": 8}
     monkeypatch.setattr(experiment, "build_from_config", lambda w: (None, info, config))

@@ -85,7 +85,10 @@ def workdir(coral_model, tmp_path_factory) -> pathlib.Path:
                                           radius=30, seed=10 + i))
             writer.write(features.serialize_example(png, i % 5, height=DATASET["image_size"],
                                                     width=DATASET["image_size"]))
-    (data / "dataset.json").write_text(json.dumps(DATASET))
+    # prepare lists its shards in dataset.json; readers take that list, never a glob.
+    listed = {**DATASET, "splits": {"train": {"num_examples": 12,
+                                              "files": ["train-00000-of-00001.tfrecord"]}}}
+    (data / "dataset.json").write_text(json.dumps(listed))
     w = root / "run"
     (w / "checkpoints").mkdir(parents=True)
     (w / "operative_config.gin").write_text(
