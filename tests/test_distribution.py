@@ -226,7 +226,9 @@ def _backup_epoch(workdir) -> int:
         return 0
 
 
-@pytest.mark.parametrize("backend", [pytest.param("jax", marks=pytest.mark.long), pytest.param("tensorflow", marks=pytest.mark.xfail(
+@pytest.mark.parametrize("backend", [
+    pytest.param("jax", marks=pytest.mark.long),
+    pytest.param("tensorflow", marks=pytest.mark.xfail(
     strict=True, reason="open: Keras 3.15's TF fit converts the PerReplica batches of "
     "distribute_datasets_from_function to a tensor (ValueError)"))])
 def test_two_processes_write_one_run_and_resume_after_a_kill(backend, tmp_path):
