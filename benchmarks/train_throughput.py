@@ -1,6 +1,6 @@
 """Training throughput: fundusflow's model + loss + optimizer on JAX vs timm on PyTorch.
 
-Run on the GPU machine (docs/GPU.md in ../shared explains the environment):
+Run on a GPU machine with the JAX backend (tf.data stays on TF-CPU):
 
     KERAS_BACKEND=jax python3 -m benchmarks.train_throughput \
         --model=convnext_tiny --image_size=224 --batch_size=64

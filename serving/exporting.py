@@ -29,7 +29,7 @@ evaluate.py and the training metrics call. When thresholds.json says `"tta": tru
 Backends: the model and the post-processing (`postprocess`) use keras.ops
 only and sit in the `serve_tensor` endpoint; the TF-only image decoding wraps
 that endpoint. On the JAX backend ExportArchive converts endpoints with
-jax2tf, which is why the decode is kept outside (docs/PITFALLS.md section 1);
+jax2tf, which cannot hold TF string/decode ops: that is why the decode is kept outside;
 only the TF backend is tested (future work: run and test on JAX).
 """
 
@@ -129,8 +129,8 @@ def _float32_config(config):
 def as_float32(model: keras.Model) -> keras.Model:
     """The model itself if it computes in float32, else a float32 twin with its weights.
 
-    A mixed_float16 model exports but computes in float16 (rel. error ~1e-4,
-    docs/PITFALLS.md section 8), so it is rebuilt from its config under float32.
+    A mixed_float16 model exports but computes in float16 (rel. error ~1e-4 against
+    float32), so it is rebuilt from its config under float32.
     """
     if all(not layer.dtype_policy.name.startswith("mixed_") for layer in all_layers(model)):
         return model

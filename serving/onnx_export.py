@@ -67,7 +67,7 @@ def _copy_weights(source: keras.Model, clone: keras.Model) -> None:
 
 
 def onnx_friendly(model: keras.Model) -> keras.Model:
-    """The model, or a clone that tf2onnx converts (docs/PITFALLS.md section 8).
+    """The model, or a clone that tf2onnx converts.
 
     Keras runs a grouped Conv2D inside a nested jit-compiled function, which
     tf2onnx leaves as an unconvertible StatefulPartitionedCall, and exact GELU
