@@ -34,3 +34,12 @@ def encode(img: np.ndarray, fmt: str = ".png", quality: int = 95) -> bytes:
     ok, buf = cv2.imencode(fmt, cv2.cvtColor(img, cv2.COLOR_RGB2BGR), params)
     assert ok
     return buf.tobytes()
+
+
+def garbage_scan(jpeg: bytes) -> bytes:
+    """The JPEG with random bytes over its scan data, every marker before and after kept."""
+    data = bytearray(jpeg)
+    start = data.find(b"\xff\xda") + 12
+    data[start:-8] = np.random.default_rng(0).integers(0, 256, len(data) - 8 - start,
+                                                       dtype=np.uint8).tobytes()
+    return bytes(data)

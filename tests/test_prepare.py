@@ -14,6 +14,7 @@ import tensorflow as tf
 from input_pipeline import features, preprocessing, sources
 from input_pipeline.prepare import TMP_SUFFIX, PrepareConfig, preprocess_config, run
 from tests.reliability import prepare_child
+from tests.serving_helpers import garbage_scan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -445,22 +446,13 @@ def test_upsample_plan_golden():
     assert _upsample(list(range(6)), labels, 2, multilabel=True) == [4, 4, 4, 4]
 
 
-def _garbage_scan(jpeg: bytes) -> bytes:
-    """The JPEG with random bytes over most of its scan data, markers kept."""
-    data = bytearray(jpeg)
-    start = data.find(b"\xff\xda") + 12
-    data[start:-8] = np.random.default_rng(0).integers(0, 256, len(data) - 8 - start,
-                                                       dtype=np.uint8).tobytes()
-    return bytes(data)
-
-
 def test_conversions_recorded_and_corrupt_jpeg_rejected(tmp_path):
     csv_path, images = _make_dataset(tmp_path, [0, 1, 2, 3])
     img_dir = tmp_path / "images"
     _write_image(img_dir / "gray16.png", _fundus(8)[..., 0].astype(np.uint16) * 257)
     bgra = cv2.cvtColor(cv2.cvtColor(_fundus(9), cv2.COLOR_RGB2BGR), cv2.COLOR_BGR2BGRA)
     _write_image(img_dir / "rgba.png", bgra)
-    (img_dir / "garbage.jpg").write_bytes(_garbage_scan(cv2.imencode(".jpg", _fundus(7))[1]
+    (img_dir / "garbage.jpg").write_bytes(garbage_scan(cv2.imencode(".jpg", _fundus(7))[1]
                                                         .tobytes()))
     with open(csv_path, "a") as f:
         f.write("gray16.png,q1,0\nrgba.png,q2,1\ngarbage.jpg,q3,2\n")

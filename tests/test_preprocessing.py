@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from input_pipeline import image_decode, pipeline, synthetic
 from input_pipeline import preprocessing as pp
-from tests.serving_helpers import encode, synthetic_fundus
+from tests.serving_helpers import encode, garbage_scan, synthetic_fundus
 
 ORANGE = (200, 90, 40)  # RGB, a typical fundus albedo
 CFG = pp.PreprocessConfig(image_size=64, model_image_size=32)
@@ -37,15 +37,6 @@ def png_header_only(width: int, height: int, depth: int = 8, color_type: int = 0
             ">I", zlib.crc32(kind + data))
     ihdr = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
-
-
-def garbage_scan(jpeg: bytes) -> bytes:
-    """The JPEG with random bytes over its scan data, every marker before and after kept."""
-    data = bytearray(jpeg)
-    start = data.find(b"\xff\xda") + 12
-    data[start:-8] = np.random.default_rng(0).integers(0, 256, len(data) - 8 - start,
-                                                       dtype=np.uint8).tobytes()
-    return bytes(data)
 
 
 def decoded(data: bytes) -> dict:
