@@ -58,7 +58,7 @@ def _point(n: int, parts: str) -> dict:
             f"--batch_size={n * FLAGS.per_device_batch}", f"--precision={FLAGS.precision}",
             f"--steps_per_epoch={FLAGS.steps_per_epoch}", f"--epochs={FLAGS.epochs}",
             f"--num_images={FLAGS.num_images}", f"--prepare_size={FLAGS.prepare_size}",
-            f"--work_dir={FLAGS.work_dir}", f"--json_out={out}",
+            f"--work_dir={FLAGS.work_dir}", f"--json_out={out}", "--nocold_start",
             "--train_bindings=train.distribution = 'auto'",
             *[f"--train_bindings={b}" for b in FLAGS.train_bindings]]
     done = subprocess.run(args, env=_device_env(n))

@@ -63,17 +63,21 @@ flags.DEFINE_integer("epochs", 4, "train.epochs (the first one compiles).")
 flags.DEFINE_integer("num_images", 800, "Synthetic images (70 % train).")
 flags.DEFINE_integer("prepare_size", 256, "Side length of the prepared images.")
 flags.DEFINE_string("work_dir", "/tmp/fundusflow_e2e", "Data, workdirs, caches.")
-flags.DEFINE_list("parts", ["input", "step", "train", "repeat", "ablation"], "What to run.")
+flags.DEFINE_list("parts", ["input", "step", "train", "repeat", "ablation"],
+                  "What to run: input, step, train, train_host, repeat, ablation.")
 flags.DEFINE_list("ablation", ["fixed_nometrics", "fixed", "fixed_uint8", "fixed_sync",
                                "pipeline"], "Ablation variants (see _ABLATIONS).")
 flags.DEFINE_list("input_variants", ["default"],
-                  "Input-alone variants: default (as train builds it), cached "
+                  "Input-alone variants: default (as train builds it: augmentation on the "
+                  "device on a GPU host), host (augmenting on the host CPUs), cached "
                   "(make_dataset cache=True), noaug (no augmentation), float32 (pixels).")
 flags.DEFINE_integer("skip_steps", 100,
                      "Sustained img/s: counted from this step of each epoch to its end.")
 flags.DEFINE_integer("ablation_steps", 60, "Timed steps per ablation variant.")
 flags.DEFINE_multi_string("train_bindings", [], "Extra gin bindings for the train.py runs.")
 flags.DEFINE_string("json_out", "", "Optional path for all results as JSON.")
+flags.DEFINE_bool("cold_start", True, "Empty train.py's compilation cache before the "
+                  "train part (its first start is then cold; repeat finds it warm).")
 flags.DEFINE_string("part", "", "Internal: run one measurement in this process.")
 flags.DEFINE_string("run_name", "run", "Internal: the train part's workdir name.")
 
@@ -232,7 +236,7 @@ def part_input() -> dict:
     info = experiment.load_dataset_info(_data_dir())
     out = {}
     for variant in FLAGS.input_variants:
-        bindings = {"default": [], "cached": ["make_dataset.cache = True"],
+        bindings = {"default": [], "host": [], "cached": ["make_dataset.cache = True"],
                     "noaug": [f"AugmentConfig.{k} = {v}" for k, v in augment_off().items()],
                     "float32": []}[variant]
         with gin.unlock_config():
@@ -245,11 +249,19 @@ def part_input() -> dict:
                                        FLAGS.batch_size, True, FLAGS.image_size, info["task"],
                                        info["num_classes"])
         else:
-            ds, _, _ = experiment._build_datasets(_data_dir(), info, info["task"],
-                                                  FLAGS.image_size, FLAGS.batch_size, 0,
-                                                  False, None)
+            ds, _, _ = experiment._build_datasets(
+                    _data_dir(), info, info["task"], FLAGS.image_size, FLAGS.batch_size, 0,
+                    False, None, augment_on=_augment_on(variant == "host"))
         out[variant] = _time_batches(ds)
     return out
+
+
+def _augment_on(host: bool) -> str:
+    """Where train.py (augment_on="auto") would augment, or "host"."""
+    from input_pipeline import augment
+    from training import augmenting
+
+    return "host" if host else augmenting.resolve("auto", augment.AugmentConfig())
 
 
 def augment_off() -> dict:
@@ -268,7 +280,8 @@ def _time_batches(train_ds) -> dict:
     for _ in range(n):
         batch = next(it)
     seconds = time.perf_counter() - t0
-    return {"images_per_s": n * FLAGS.batch_size / seconds, "dtype": str(batch[0].dtype)}
+    images = batch[0]["image"] if isinstance(batch[0], dict) else batch[0]
+    return {"images_per_s": n * FLAGS.batch_size / seconds, "dtype": str(images.dtype)}
 
 
 def part_train() -> dict:
@@ -301,7 +314,7 @@ def part_train() -> dict:
             "gpu_busy": rec.gpu.fraction,
             "first_step_s": first_step[0] - _START if first_step else None,
             "wall_s": time.perf_counter() - _START, "summary_images_per_s":
-            summary["images_per_s"]}
+            summary["images_per_s"], "augment_on": summary.get("augment_on")}
 
 
 def _watch_for(path: str) -> list:
@@ -449,6 +462,11 @@ def _report(r: dict) -> None:
              train.get("gpu_busy")),
             (f"train.py sustained (steps {FLAGS.skip_steps}.. of epochs 2..)",
              train.get("sustained_images_per_s"), None)]
+    host = r.get("train_host", {})
+    rows.append(("train.py augmenting on the host CPUs, steady state",
+                 host.get("images_per_s"), host.get("gpu_busy")))
+    rows.append(("train.py augmenting on the host CPUs, sustained",
+                 host.get("sustained_images_per_s"), None))
     repeat = r.get("repeat", {})
     rows.append(("train.py second start, sustained", repeat.get("sustained_images_per_s"),
                  repeat.get("gpu_busy")))
@@ -469,7 +487,7 @@ def main(_):
         print(json.dumps(fn()))
         return
     _make_data()
-    if "train" in FLAGS.parts:  # a cold first start, then "repeat" finds it warm
+    if "train" in FLAGS.parts and FLAGS.cold_start:  # cold first start; "repeat" warm
         import shutil
 
         shutil.rmtree(_train_cache(), ignore_errors=True)
@@ -480,6 +498,9 @@ def main(_):
             results["step"] = _step()
         elif part == "repeat":
             results["repeat"] = _child("train", "--run_name=repeat")
+        elif part == "train_host":  # the same run augmenting on the host CPUs
+            results[part] = _child("train", "--run_name=host",
+                                   "--train_bindings=train.augment_on = 'host'")
         else:
             results[part] = _child(part)
     _report(results)

@@ -327,10 +327,15 @@ def colour_jitter(image: tf.Tensor, brightness=1.0, saturation=1.0, hue=0.0,
     whenever the intermediate results stay inside [0, 255] (the chained version
     clips after every step).
     """
-    matrix = _hue_matrix(hue) @ _saturation_matrix(saturation) * brightness
+    matrix = jitter_matrix(brightness, saturation, hue)
     mean_gray = tf.tensordot(tf.linalg.matvec(matrix, _mean_rgb(image)), tf.constant(_GRAY), 1)
     out = _apply_colour_matrix(image, contrast * matrix) + (1.0 - contrast) * mean_gray
     return _clip(out)
+
+
+def jitter_matrix(brightness=1.0, saturation=1.0, hue=0.0) -> tf.Tensor:
+    """float32 [3, 3] acting on RGB column vectors: brightness, saturation, hue in one."""
+    return _hue_matrix(hue) @ _saturation_matrix(saturation) * brightness
 
 
 def _filter(image: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
@@ -418,15 +423,20 @@ def random_hue(image, seed, strength: float):
     return adjust_hue(image, _uniform(seed, -strength, strength))
 
 
-def random_colour_jitter(image, seeds: dict, config: AugmentConfig):
-    """`colour_jitter` with factors drawn from `config` (disabled ones stay neutral)."""
+def draw_colour_jitter(seeds: dict, config: AugmentConfig) -> dict:
+    """The jitter factors drawn from `config` (disabled ones stay neutral):
+    {brightness, saturation, hue, contrast}, float32 scalars or Python neutrals."""
     c = config
-    return colour_jitter(
-            image,
+    return dict(
             brightness=_factor(seeds["brightness"], c.brightness) if c.brightness else 1.0,
             saturation=_factor(seeds["saturation"], c.saturation) if c.saturation else 1.0,
             hue=_uniform(seeds["hue"], -c.hue, c.hue) if c.hue else 0.0,
             contrast=_factor(seeds["contrast"], c.contrast) if c.contrast else 1.0)
+
+
+def random_colour_jitter(image, seeds: dict, config: AugmentConfig):
+    """`colour_jitter` with factors drawn from `config` (disabled ones stay neutral)."""
+    return colour_jitter(image, **draw_colour_jitter(seeds, config))
 
 
 def random_sharpness(image, seed, strength: float):
@@ -533,8 +543,7 @@ def augment(image: tf.Tensor, config: AugmentConfig, seed) -> tf.Tensor:
     Returns:
         float32 [S, S, 3] in [0, 255].
     """
-    seeds = dict(zip(_SLOTS, tf.unstack(
-            tf.random.experimental.stateless_split(seed, len(_SLOTS))), strict=True))
+    seeds = _op_seeds(seed)
     c = config
     ra_ops = tuple(n for n in c.randaugment_ops  # fundus-aware: +-30 % shifts lose the field
                    if not (c.fundus_aware and n.startswith("translate")))
@@ -566,3 +575,54 @@ def augment(image: tf.Tensor, config: AugmentConfig, seed) -> tf.Tensor:
     if c.fundus_aware:
         image = fundus_mask(image, c.field_radius, matrix)
     return image
+
+
+def _op_seeds(seed) -> dict:
+    """{op slot: its own int64 [2] seed}, split from the example's `seed`."""
+    return dict(zip(_SLOTS, tf.unstack(
+            tf.random.experimental.stateless_split(seed, len(_SLOTS))), strict=True))
+
+
+# ------------------------------------------------------------- augmentation on the device
+# With `augment_on="device"` the pipeline draws, per example and from the same seed slots
+# as `augment`, the parameters of the ops below and ships them next to the un-augmented
+# uint8 image; `input_pipeline/device_augment.py` applies them inside the compiled
+# training step (keras.ops). So both paths draw identical random numbers.
+
+DEVICE_PARAMS = 18  # [inverse affine 8 | colour matrix 9 (row-major) | contrast 1]
+_HOST_ONLY = ("shear_degrees", "sharpness", "blur_prob", "erase_prob", "randaugment_layers")
+
+
+def device_unsupported(config: AugmentConfig) -> list[str]:
+    """Names of the enabled `config` fields the device path does not run (shear, which
+    it could, is left to the host path only to keep the parameter vector small)."""
+    return [name for name in _HOST_ONLY if getattr(config, name)]
+
+
+def device_params(image: tf.Tensor, config: AugmentConfig, seed) -> tf.Tensor:
+    """The parameters `augment(image, config, seed)` would draw, as float32 [DEVICE_PARAMS].
+
+    [0:8]: the affine's inverse as a projective transform (output pixel -> input pixel,
+    `ImageProjectiveTransformV3` convention; the identity without geometry); flips ride in
+    it, drawn from the same slots as `augment` (the matrix's, or "hflip"/"vflip").
+    [8:17]: `jitter_matrix` (brightness, saturation, hue) row-major; [17]: contrast.
+    Raises ValueError for configs with host-only ops (`device_unsupported`).
+    """
+    unsupported = device_unsupported(config)
+    if unsupported:
+        raise ValueError(f"augmentation on the device does not run {unsupported}: set them "
+                         "to 0 or train with augment_on='host'")
+    seeds, c = _op_seeds(seed), config
+    height, width = _size(image)
+    if c.geometric():
+        matrix = random_affine_matrix(image, c, seeds["affine"])
+    else:
+        flips = [tf.where(_bernoulli(seeds[slot], 0.5), -1.0, 1.0) if on else 1.0
+                 for slot, on in (("hflip", c.hflip), ("vflip", c.vflip))]
+        matrix = _about_center(tf.linalg.diag(tf.stack(flips)), tf.zeros([2]), height, width)
+    inverse = tf.linalg.inv(matrix)
+    transform = tf.reshape(inverse, [9])[:8] / inverse[2, 2]
+    jitter = draw_colour_jitter(seeds, c)
+    colour = jitter_matrix(jitter["brightness"], jitter["saturation"], jitter["hue"])
+    contrast = tf.reshape(tf.cast(jitter["contrast"], tf.float32), [1])
+    return tf.concat([transform, tf.reshape(colour, [9]), contrast], axis=0)

@@ -226,7 +226,8 @@ def make_dataset(file_pattern: str, batch_size: int, training: bool, image_size:
                  repeat: bool | None = None, cycle_length: int = 8,
                  threadpool_size: int | None = None,
                  pixel_dtype: str = "float32",
-                 shard: tuple[int, int] | None = None) -> tf.data.Dataset:
+                 shard: tuple[int, int] | None = None,
+                 augment_on: str = "host") -> tf.data.Dataset:
     """Batches of prepared TFRecords for `fit` / `evaluate` / `predict`.
 
     Args:
@@ -263,6 +264,11 @@ def make_dataset(file_pattern: str, batch_size: int, training: bool, image_size:
         shard: (num_shards, index): read only files index, index + num_shards, ...
             (one process of several; class counts stay the whole split's). Raises
             ValueError when there are fewer files than shards.
+        augment_on: "host" (augment here) or "device": training batches are then
+            ({"image": uint8 un-augmented, "augment": float32 [B, DEVICE_PARAMS]}, label),
+            the parameters drawn as "host" would draw them (`augment.device_params`), for
+            `device_augment.DeviceAugment` inside the training step (cached images are
+            then kept as uint8: a quarter of the memory).
 
     Returns:
         A dataset of (image `pixel_dtype` [B, S, S, 3] in [0, 255], label int32 [B] or
@@ -271,6 +277,9 @@ def make_dataset(file_pattern: str, batch_size: int, training: bool, image_size:
     _check_sampling(sampling, task)
     if pixel_dtype not in ("float32", "uint8"):
         raise ValueError(f"pixel_dtype must be 'float32' or 'uint8', got {pixel_dtype!r}")
+    if augment_on not in ("host", "device"):
+        raise ValueError(f"augment_on must be 'host' or 'device', got {augment_on!r}")
+    on_device = training and augment_on == "device" and keep_keys is None and not with_info
     files = shard_files(file_pattern)
     repeat = training if repeat is None else repeat
     keep_keys = INFO_KEYS if with_info else (tuple(keep_keys) if keep_keys else None)
@@ -291,7 +300,8 @@ def make_dataset(file_pattern: str, batch_size: int, training: bool, image_size:
 
     cached = _should_cache(cache, split, image_size, cache_limit_gb)
     if cached:
-        ds = ds.map(lambda f: preprocess(decode(f), image_size),
+        stored = _as_uint8 if on_device else (lambda f: f)
+        ds = ds.map(lambda f: stored(preprocess(decode(f), image_size)),
                     num_parallel_calls=AUTOTUNE).cache()
     if training:
         # Streaming: shuffle before decoding, so the buffer holds encoded bytes (~50 KB
@@ -307,10 +317,14 @@ def make_dataset(file_pattern: str, batch_size: int, training: bool, image_size:
     def element(index, f):
         if not cached:
             f = preprocess(decode(f), image_size)
+        seed = tf.random.experimental.stateless_fold_in(augment_seed, index)
+        if on_device:
+            params = augment_lib.device_params(f["image"], config, seed)
+            return {"image": _as_uint8(f)["image"], "augment": params}, f["label"]
         if training:
-            f = augment(f, config, tf.random.experimental.stateless_fold_in(augment_seed, index))
-        if pixel_dtype == "uint8":  # values are in [0, 255]: rounding cannot wrap
-            f = {**f, "image": tf.cast(tf.round(f["image"]), tf.uint8)}
+            f = augment(f, config, seed)
+        if pixel_dtype == "uint8":
+            f = _as_uint8(f)
         return _to_output(f, keep_keys)
 
     ds = ds.enumerate().map(element, num_parallel_calls=AUTOTUNE)
@@ -319,6 +333,13 @@ def make_dataset(file_pattern: str, batch_size: int, training: bool, image_size:
     # lets parallel stages hand out whichever element is ready, unless asked not to.
     ordered = deterministic or not training
     return ds.prefetch(AUTOTUNE).with_options(_options(ordered, threadpool_size))
+
+
+def _as_uint8(features: dict) -> dict:
+    """"image" rounded to uint8 (values are in [0, 255]: rounding cannot wrap)."""
+    if features["image"].dtype == tf.uint8:
+        return features
+    return {**features, "image": tf.cast(tf.round(features["image"]), tf.uint8)}
 
 
 def num_examples(file_pattern: str) -> int | None:

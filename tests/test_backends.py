@@ -64,7 +64,8 @@ def test_train_on_jax_then_evaluate_and_export_on_tensorflow(tmp_path):
     workdir = tmp_path / "w"
     cmd = _train_cmd(workdir, data_dir, "train.jit_compile = True", "train.epochs = 3",
                      "train.precision = 'mixed_bfloat16'", "train.backbone_lr_factor = 0.1",
-                     "train.use_ema = True")
+                     "train.use_ema = True",
+                     "train.augment_on = 'device'")  # as "auto" on a GPU: inside the step
     cache = tmp_path / "jax_cache"  # train.py's persistent compilation cache, kept in tmp
     _run_jax(*cmd[1:], f"--compilation_cache_dir={cache}")
     assert os.listdir(cache)

@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from training import optimizers
+from training import augmenting, optimizers
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -63,7 +63,7 @@ def save_weights_atomic(model: keras.Model, path: str) -> None:
     from keras.src.saving import saving_lib  # objects_to_skip isn't in the public API
 
     tmp = path[: -len(".weights.h5")] + ".tmp.weights.h5"
-    skip = [model.optimizer] if model.optimizer is not None else None
+    skip = [model.optimizer] if getattr(model, "optimizer", None) is not None else None
     with _removed_on_error(tmp):
         saving_lib.save_weights_only(model, tmp, objects_to_skip=skip)
     os.replace(tmp, path)
@@ -84,7 +84,7 @@ def load_weights_model_only(model: keras.Model, path: str) -> None:
     """Loads a `save_weights_atomic` file, leaving the model's optimizer state alone."""
     from keras.src.saving import saving_lib
 
-    skip = [model.optimizer] if model.optimizer is not None else None
+    skip = [model.optimizer] if getattr(model, "optimizer", None) is not None else None
     saving_lib.load_weights_only(model, path, objects_to_skip=skip)
 
 
@@ -134,11 +134,11 @@ class BestCheckpoint(keras.callbacks.Callback):
         n = epoch + 1
         value = float(logs[self.monitor])
         if improved(value, self.state["best"], self.mode):
-            save_weights_atomic(self.model, self.best_path)
+            save_weights_atomic(augmenting.network_of(self.model), self.best_path)
             self.state.update(best=value, best_epoch=n)
         if self.every and n % self.every == 0:
             path = os.path.join(self.ckpt_dir, f"epoch_{n:03d}.weights.h5")
-            save_weights_atomic(self.model, path)
+            save_weights_atomic(augmenting.network_of(self.model), path)
         self.state["last_epoch"] = n
         write_json_atomic(self.state_path, self.state)
 

@@ -42,10 +42,10 @@ from input_pipeline import augment, integrity, pipeline  # noqa: F401  (augment:
 from input_pipeline import inspect as inspect_lib
 from input_pipeline import modality as modality_lib
 from models import backbones, decision, heads, losses, metrics  # noqa: F401  (backbones: gin configurables)
+from training import augmenting, optimizers
 from training import callbacks as cb
 from training import config as config_lib
 from training import distribution as distribution_lib
-from training import optimizers
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 # Arguments `_build_model` passes to models.build_model (bind train.X, never build_model.X).
@@ -85,7 +85,7 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
           tensorboard: bool = True, tune_thresholds_each_epoch: bool = False,
           threshold_min_recall: float = 0.3, threshold_max: float = 0.7,
           distribution: str = "auto", lr_scaling: str = "none",
-          verbose: int = 2) -> dict:
+          augment_on: str = "auto", verbose: int = 2) -> dict:
     """Trains a model on a prepared data dir; returns the training summary dict.
 
     Args:
@@ -138,6 +138,9 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
             on another device count.
         lr_scaling: "none" (`learning_rate` as given) or "linear" (times the replica
             count: for a rate tuned on one device with batch_size / replicas).
+        augment_on: "host" (tf.data), "device" (inside the compiled step, same random
+            draws: training/augmenting.py) or "auto" (device when Keras sees an
+            accelerator and the augmentation has no host-only op).
     """
     t_start = time.time()
     with _as_config_errors():  # first: multi_worker on JAX must start before any JAX op
@@ -172,13 +175,17 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
                 jit_compile = _seed_everything(seed, deterministic, jit_compile)
                 jit_compile = _jit_under(plan, jit_compile)
                 _set_precision(precision)
+                augment_config = augment.config_for_modality(modality_lib.modality_of(info))
+                augment_on = augmenting.resolve(augment_on, augment_config)
                 train_ds, val_ds, steps = _build_datasets(
                     data_dir, info, task, image_size, batch_size, seed, deterministic,
-                    steps_per_epoch, plan)
+                    steps_per_epoch, plan, augment_on)
                 learning_rate = distribution_lib.scaled_learning_rate(learning_rate,
                                                                       lr_scaling, plan)
                 net = _build_model(model, task, info["num_classes"], image_size, weights,
                                    dropout, head)
+                if augment_on == "device":  # fit trains the wrapper; `net` is what is saved
+                    net = augmenting.AugmentingModel(net, augment_config)
                 head = _head_of(task, head)
                 loss_fn = _build_loss(loss, task, head, info, loss_kwargs, pos_weight,
                                       pos_weight_clamp)
@@ -209,8 +216,9 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
             if bn_recalibration_batches:
                 run_cbs.append(cb.PreciseBatchNorm([images for images, _ in first]))
             if tensorboard:
-                _log_input_grid(workdir, *first[0], info.get("class_names"))
-            distribution_lib.synchronize_batchnorm(net, plan)
+                _log_input_grid(workdir, augmenting.augmented_images(first[0][0], augment_config),
+                                first[0][1], info.get("class_names"))
+            distribution_lib.synchronize_batchnorm(augmenting.network_of(net), plan)
             fit_data = dict(x=plan.distribute(train_ds),
                             validation_data=plan.distribute(_val_for_fit(
                                 val_ds, plan, plan.per_process_batch(batch_size),
@@ -232,13 +240,14 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
                         callbacks=stage_cbs, **fit_kw)
                 if nan_guard.triggered:
                     break
-            distribution_lib.synchronize_batchnorm(net, None)  # model.keras loads anywhere
+            # model.keras loads anywhere
+            distribution_lib.synchronize_batchnorm(augmenting.network_of(net), None)
         summary = _write_artifacts(own, net, best, throughput, t_start, resumed,
                                    nan_guard.triggered,
                                    dict(task=task, head=head, precision=precision,
                                         jit_compile=bool(net.jit_compile),
                                         distribution=plan.kind, replicas=plan.num_replicas,
-                                        processes=plan.num_processes))
+                                        processes=plan.num_processes, augment_on=augment_on))
     except Exception:
         if fresh and plan.is_chief:
             _remove_unstarted(workdir, existed)
@@ -270,7 +279,7 @@ def load_dataset_info(data_dir: str) -> dict:
 
 
 def _build_datasets(data_dir, info, task, image_size, batch_size, seed, deterministic,
-                    steps_per_epoch, plan=None):
+                    steps_per_epoch, plan=None, augment_on: str = "host"):
     """(train tf.data (repeats), val tf.data (one pass), train steps per epoch).
 
     This process's share under `plan` (distribution.Plan): training reads its subset of
@@ -291,7 +300,8 @@ def _build_datasets(data_dir, info, task, image_size, batch_size, seed, determin
     # back to float32 on the device; rounding after augmentation moves < 0.5 levels).
     train_ds = pipeline.make_dataset(os.path.join(data_dir, "train-*.tfrecord"),
                                      training=True, augment_config=augment_config,
-                                     pixel_dtype="uint8", shard=plan.shard(), **common)
+                                     pixel_dtype="uint8", shard=plan.shard(),
+                                     augment_on=augment_on, **common)
     val_ds = pipeline.make_dataset(os.path.join(data_dir, "val-*.tfrecord"), training=False,
                                    pixel_dtype="float32", **common)
     # A known length spares Keras the "input ran out of data" warning after each validation.
@@ -391,13 +401,14 @@ def _compile_stage(net, stage, task, info, head, loss_fn, steps, warmup_epochs, 
     under several replicas, `_val_for_fit`); with `class_weight`, the training metrics
     are then class-weighted too.
     """
+    network = augmenting.network_of(net)
     try:
-        net.get_layer("backbone").trainable = stage.train_backbone
+        network.get_layer("backbone").trainable = stage.train_backbone
     except ValueError:
         if not stage.train_backbone:
             raise
     opt = optimizers.build_optimizer(
-        net, total_steps=steps * (stage.end - stage.start),
+        network, total_steps=steps * (stage.end - stage.start),
         warmup_steps=int(round(warmup_epochs * steps)),
         **{**opt_kw, "learning_rate": opt_kw["learning_rate"] * stage.lr_factor})
     run_metrics = metrics.get_metrics(task, info["num_classes"], head)
@@ -702,8 +713,9 @@ def _decoder(task: str, head: str, num_classes: int):
 
 
 def _first_batches(train_ds, n: int) -> list:
-    """The first n augmented training batches as numpy (images, labels) pairs."""
-    return [(x.numpy(), y.numpy()) for x, y in train_ds.take(n)]
+    """The first n training batches as numpy (inputs, labels) pairs: inputs are the
+    augmented images, or with augmentation on the device {image, augment} dicts."""
+    return [tf.nest.map_structure(lambda t: t.numpy(), batch) for batch in train_ds.take(n)]
 
 
 def _log_input_grid(workdir: str, images, labels, class_names) -> None:
@@ -728,6 +740,7 @@ def _read_history(workdir: str) -> list[dict]:
 def _write_artifacts(workdir, net, best, throughput, t_start, resumed, nan, extra) -> dict:
     """Best weights -> model.keras; training_summary.json; removes the backup."""
     iterations = optimizers.group_iterations(net.optimizer)  # before best.weights.h5 resets them
+    net = augmenting.network_of(net)
     if os.path.exists(best.best_path):
         cb.load_weights_model_only(net, best.best_path)
     tmp = os.path.join(workdir, "model.tmp.keras")
