@@ -36,6 +36,7 @@ import pathlib
 
 import cv2
 import numpy as np
+import simplejpeg
 import tensorflow as tf
 
 from input_pipeline import image_decode, pipeline
@@ -795,9 +796,9 @@ def check_jpeg_entropy(data: bytes) -> None:
     1/8-scale decode still entropy-decodes every coefficient, at ~1/3 the cost
     of a full decode (8 ms for 8 MP). Host-side only: prepare and predict call
     it through `graph_bytes`; the exported graph has the structural check alone.
+    (Imported at the top: a missing library must stop prepare at once, not reject
+    every image as if it were corrupt.)
     """
-    import simplejpeg
-
     try:
         simplejpeg.decode_jpeg(data, strict=True, min_height=1, min_width=1)
     except ValueError as e:

@@ -275,7 +275,11 @@ def load_dataset_info(data_dir: str) -> dict:
             "--images_dir=demo_data/raw --out_dir=demo_data/prepared --task=dr_grade "
             "--label_column=dr_grade --image_size=128 --num_shards=4 --workers=2")
     with open(path) as f:
-        return json.load(f)
+        info = json.load(f)
+    if not info["splits"].get("train", {}).get("num_examples"):
+        raise ValueError(f"{data_dir} has no training examples (dataset.json): prepare "
+                         "wrote none; its rejected.csv says why for every row")
+    return info
 
 
 def _build_datasets(data_dir, info, task, image_size, batch_size, seed, deterministic,
