@@ -5,8 +5,11 @@ Every op is a plain function `op(image, seed, ...) -> image` on a float32
 range. Randomness comes only from `tf.random.stateless_*` with the explicit
 `seed` (int32/int64 `[2]`), so a fixed seed gives the same output eagerly, in
 `Dataset.map`, and under `tf.config.experimental.enable_op_determinism()`.
-These are not Keras layers on purpose: augmentation layers inside the model
-would run in the training step and keep it from being XLA-compiled.
+These are not Keras layers on purpose: the pipeline, evaluation and the CPU path
+run them in tf.data. On an accelerator the CPU cannot keep up, so `device_params`
+draws the same random numbers as parameters and `device_augment.py` applies the
+geometric and colour ops inside the compiled training step instead (the same pixels
+up to float rounding, tests/test_device_augment.py).
 
 `augment(image, config, seed)` runs the enabled ops in a fixed order:
 
