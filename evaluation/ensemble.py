@@ -7,7 +7,8 @@ val split and of --split (optionally flip TTA), divided by W's own temperature f
 val. The ensemble's probabilities are the mean of the members' calibrated probabilities;
 its decision rule is tuned on the mean validation probabilities with the single-model
 tuner and applied unchanged to --split. Writes E/metrics.json (evaluation.metrics with
-bootstrap CIs, plus members, temperatures, rule, tta) and E/predictions_<split>.csv.
+bootstrap CIs, plus members, temperatures, rule, tta, and each member's own headline
+metrics) and E/predictions_<split>.csv.
 
 Members must come from the same prepared data (same task, classes and labels in the same
 order); otherwise ValueError naming the first member that differs.
@@ -67,6 +68,14 @@ def check_members(members: list[dict]) -> None:
                                  "prepared data")
 
 
+def member_metrics(task: str, class_names, member: dict) -> dict:
+    """A member alone, decided by the rule tuned on its own val probabilities: its
+    headline metrics (no intervals), to set the ensemble beside its single models."""
+    result, _ = combine(task, class_names, member["val"].labels, [member["val_probs"]],
+                        member["pred"].labels, [member["probs"]], n_boot=0)
+    return {name: result["metrics"][name] for name in result["headline"]}
+
+
 def combine(task: str, class_names, val_labels, val_probs: list, labels, probs: list,
             patient_ids=None, n_boot: int = 1000, seed: int = 0) -> tuple[dict, np.ndarray]:
     """Metrics of the mean probabilities, decided by a rule tuned on the mean val ones.
@@ -105,6 +114,7 @@ def ensemble(workdirs: list[str], out_dir: str, split: str = "test", tta: bool =
                            n_boot, seed)
     result.update(split=split, tta=tta, members=list(workdirs),
                   temperatures=[m["temperature"] for m in members],
+                  member_metrics=[member_metrics(task, names, m) for m in members],
                   decision_origin="tuned on the mean validation probabilities of the members")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

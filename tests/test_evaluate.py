@@ -91,6 +91,7 @@ def test_ensemble_of_one_workdir_twice_is_that_workdir(evaluated, workdir, tmp_p
     for name in ("qwk", "accuracy", "argmax_accuracy", "macro_auc"):
         assert result["metrics"][name] == pytest.approx(single["metrics"][name]), name
     assert result["temperatures"] == [pytest.approx(single["calibration"]["temperature"])] * 2
+    assert result["member_metrics"][1]["qwk"] == pytest.approx(single["metrics"]["qwk"])
 
     def read(path):
         with open(path) as f:
