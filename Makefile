@@ -83,6 +83,7 @@ define chain  # $(1) system dir, $(2) config name, $(3) prepare flags, $(4) eval
 endef
 
 comma := ,
+space := $(subst ,, )
 DR_GRADING_PREPARE = --source=eyepacs --labels_csv="$(DATA)/trainLabels.csv" \
   --images_dir="$(DATA)/train" --task=dr_grade --crop=fundus --image_size=256
 RFMID_PREPARE = --source=rfmid --labels_csv="$(DATA)/Training_Set/RFMiD_Training_Labels.csv" \
@@ -160,11 +161,22 @@ define train_evaluate_export
 	$(PY) -m evaluation.summary $(REAL)/$(1)/run
 endef
 
+# RetinaMNIST also trains the config with seeds 1-4 and evaluates the 5-seed ensemble
+# (mean probabilities; evaluation/ensemble.py) into $(REAL)/retinamnist/ensemble/.
+RETINA_SEEDS := 1 2 3 4
+RETINA_RUNS := $(REAL)/retinamnist/run $(RETINA_SEEDS:%=$(REAL)/retinamnist/run_seed%)
 reproduce-retinamnist: $(STAMP) check-data
 	$(PREPARE) --source=npz --labels_csv=$(DATA)/retinamnist.npz \
 	  --out_dir=$(REAL)/retinamnist/data --task=dr_grade --split_column=split --crop=none \
 	  --image_size=28
 	$(call train_evaluate_export,retinamnist,retinamnist_resnetv2_lite)
+	for s in $(RETINA_SEEDS); do rm -rf $(REAL)/retinamnist/run_seed$$s && \
+	  $(PY) train.py --gin_file=configs/retinamnist_resnetv2_lite.gin \
+	    --gin_bindings="train.data_dir='$(REAL)/retinamnist/data'" \
+	    --gin_bindings="train.seed=$$s" --workdir=$(REAL)/retinamnist/run_seed$$s || exit 1; \
+	done
+	$(PY) -m evaluation.ensemble --workdirs=$(subst $(space),$(comma),$(RETINA_RUNS)) \
+	  --out_dir=$(REAL)/retinamnist/ensemble --split=test
 
 reproduce-mexico-fundus-dme: $(STAMP) check-data
 	$(PREPARE) $(MEXICO_PREPARE) --out_dir=$(REAL)/mexico_fundus_dme/data --task=binary \

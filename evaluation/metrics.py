@@ -33,8 +33,8 @@ from models.decision import Undefined, binary_probs, confusion_matrix, qwk  # no
 REFERABLE_GRADE = 2  # ICDR: moderate NPDR or worse is referable.
 
 HEADLINE = {
-    "dr_grade": ("qwk", "accuracy", "macro_auc", "referable_auc", "any_dr_auc",
-                 "referable_sensitivity", "referable_specificity"),
+    "dr_grade": ("qwk", "accuracy", "argmax_accuracy", "macro_auc", "referable_auc",
+                 "any_dr_auc", "referable_sensitivity", "referable_specificity"),
     "binary": ("auc", "sensitivity", "specificity", "balanced_accuracy"),
     "multiclass": ("accuracy", "macro_f1", "macro_auc"),
     "multilabel": ("macro_f1", "micro_f1", "map", "macro_auc"),
@@ -134,6 +134,8 @@ def _stats_dr_grade(y, probs, dec, k, referable_grade):
     return {
         "qwk": lambda i: qwk(confusion_matrix(y[i], dec[i], k)),
         "accuracy": lambda i: float(np.mean(y[i] == dec[i])),
+        # MedMNIST's ACC: top-1 of the probabilities (first maximum), not the tuned decision.
+        "argmax_accuracy": lambda i: float(np.mean(y[i] == probs[i].argmax(1))),
         "weighted_f1": lambda i: _weighted_f1(confusion_matrix(y[i], dec[i], k)),
         "macro_auc": lambda i: macro_auc(y[i], probs[i]),
         "referable_auc": lambda i: auc(y_ref[i], p_ref[i]),
@@ -281,7 +283,9 @@ def compute_metrics(task: str, y_true, probs, decisions, class_names: Sequence[s
             P(referable) = sum of P(grade >= referable_grade); referable sensitivity and
             specificity use the decided grade, i.e. the referral the system makes.
             Also for dr_grade: `macro_auc` (one-vs-rest over grades, as MedMNIST reports
-            AUC) and `any_dr_auc` (grade >= 1 scored by 1 - P(grade 0)).
+            AUC), `any_dr_auc` (grade >= 1 scored by 1 - P(grade 0)) and
+            `argmax_accuracy` (top-1 of `probs`, MedMNIST's ACC; `accuracy` is that of
+            `decisions`, the tuned ordinal rule).
 
     Returns:
         JSON-ready dict: task, class_names, num_examples, num_patients (None without ids),

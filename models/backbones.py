@@ -77,20 +77,28 @@ def resnetv2_lite(
     weights: str | None = None,
     stem_filters: int = 16,
     widths: tuple[int, ...] = (16, 32, 64),
+    stem_kernel: int = 7,
+    stem_strides: int = 2,
+    stem_pool: bool = True,
 ) -> keras.Model:
     """Small pre-activation ResNet of the IDRiD system: feature map ``[B, S/32, S/32, widths[-1]]``.
 
     7x7/2 conv, BN, ReLU, 3x3/2 max-pool, one stride-2 pre-activation block per entry of
     ``widths``, then BN + ReLU (a pre-activation net needs a final activation).
-    Spatial size S / 2**(2 + len(widths)), rounded up.
+    Spatial size S / 2**(2 + len(widths)), rounded up, with the default stem.
+
+    ``stem_kernel``, ``stem_strides`` and ``stem_pool`` set the stem; for tiny images
+    (RetinaMNIST's 28 px) a 3x3/1 conv without the pool (CIFAR-style ResNets) keeps the
+    detail the default stem would average away in its first two layers: the spatial size
+    is then S / 2**len(widths).
     """
     pixels, x = _pixels_in("resnetv2_lite", image_size)
-    x = layers.Conv2D(stem_filters, 7, strides=2, padding="same", use_bias=False, name="stem_conv")(
-        x
-    )
+    x = layers.Conv2D(stem_filters, stem_kernel, strides=stem_strides, padding="same",
+                      use_bias=False, name="stem_conv")(x)
     x = layers.BatchNormalization(name="stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)
-    x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
+    if stem_pool:
+        x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
     for i, width in enumerate(widths):
         x = _preact_block(x, width, name=f"block{i + 1}")
     x = layers.BatchNormalization(name="post_bn")(x)

@@ -40,6 +40,11 @@ def test_dr_grade_referable_metrics():
     assert m["referable_sensitivity"] == pytest.approx(2 / 3)
     assert m["referable_specificity"] == pytest.approx(2 / 3)
     assert m["accuracy"] == pytest.approx(4 / 6)
+    # Top-1 of the probabilities, whatever the decisions: argmax [0, 1, 2 (first of the
+    # tied .3s), 4, 2, 1] hits 4 of 6.
+    always_0 = metrics.compute_metrics("dr_grade", y, probs, [0] * 6, list("01234"), n_boot=0)
+    assert always_0["metrics"]["argmax_accuracy"] == pytest.approx(4 / 6)
+    assert always_0["metrics"]["accuracy"] == pytest.approx(2 / 6)
     assert m["qwk"] == pytest.approx(cohen_kappa_score(y, dec, weights="quadratic"))
     assert r["confusion_matrix"][0] == [1, 0, 1, 0, 0]
     assert r["headline"][0] == "qwk"

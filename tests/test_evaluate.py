@@ -80,6 +80,33 @@ def test_predictions_csv_matches_metrics(evaluated):
     assert acc == pytest.approx(m["metrics"]["accuracy"])
 
 
+def test_ensemble_of_one_workdir_twice_is_that_workdir(evaluated, workdir, tmp_path):
+    """evaluation.ensemble reuses evaluate's predictions, calibration and tuner: the mean of
+    two identical members is evaluate.py's own result, image by image."""
+    from evaluation import ensemble
+
+    result = ensemble.ensemble([str(workdir), str(workdir)], str(tmp_path / "e"), "test",
+                               tta=True, n_boot=50)
+    single = json.loads((evaluated[0] / "metrics.json").read_text())
+    for name in ("qwk", "accuracy", "argmax_accuracy", "macro_auc"):
+        assert result["metrics"][name] == pytest.approx(single["metrics"][name]), name
+    assert result["temperatures"] == [pytest.approx(single["calibration"]["temperature"])] * 2
+    assert result["member_metrics"][1]["qwk"] == pytest.approx(single["metrics"]["qwk"])
+
+    def read(path):
+        with open(path) as f:
+            return list(csv.DictReader(f))
+
+    mine, theirs = read(tmp_path / "e" / "predictions_test.csv"), read(
+        evaluated[0] / "predictions_test.csv")
+    assert [r["prediction"] for r in mine] == [r["prediction"] for r in theirs]
+    for key in ("p_0", "p_2", "p_4"):
+        np.testing.assert_allclose([float(r[key]) for r in mine],
+                                   [float(r[key]) for r in theirs], atol=2e-6)
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["members"] == [
+        str(workdir)] * 2
+
+
 def test_gallery_indices():
     correct = np.array([True, False, True, True, False])
     idx = run.gallery_indices(correct, per_kind=2)

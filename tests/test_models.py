@@ -189,6 +189,19 @@ def test_resnetv2_lite_widths_via_gin():
         gin.clear_config()
 
 
+def test_resnetv2_lite_small_input_stem_keeps_resolution():
+    try:
+        gin.parse_config("resnetv2_lite.widths = (8, 12, 16)\nresnetv2_lite.stem_kernel = 3\n"
+                         "resnetv2_lite.stem_strides = 1\nresnetv2_lite.stem_pool = False")
+        backbone = build_model("resnetv2_lite", "dr_grade", 5, 28).get_layer("backbone")
+        assert backbone.get_layer("stem_conv").kernel_size == (3, 3)
+        assert "stem_pool" not in [layer.name for layer in backbone.layers]
+        # Stride-1 stem, three stride-2 blocks: 28 -> 14 -> 7 -> 4.
+        assert backbone.output.shape == (None, 4, 4, 16)
+    finally:
+        gin.clear_config()
+
+
 @pytest.mark.parametrize("name", ["resnetv2_lite", "mobilenetv3_large"])
 def test_weights_from_file(tmp_path, name):
     source = build_model(name, "binary", 2, S).get_layer("backbone")

@@ -81,7 +81,7 @@ def test_retinamnist_config_smoke_run(shared_data, tmp_path):
     eval_run.evaluate(str(workdir), "test", n_boot=20, gradcam_per_kind=1)
     m = json.loads((workdir / "eval" / "metrics.json").read_text())
     assert m["num_examples"] == 40 and m["task"] == "dr_grade"
-    for name in ("qwk", "accuracy", "macro_auc"):
+    for name in ("qwk", "accuracy", "argmax_accuracy", "macro_auc"):
         assert name in m["headline"]
     assert 0.0 <= m["metrics"]["macro_auc"] <= 1.0
     line = summary.summary_line(str(workdir))
