@@ -137,10 +137,6 @@ def test_jax_data_parallel_over_two_devices_trains_what_one_device_trains(data_d
     _assert_same_run(one, two)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open: under MirroredStrategy over 2 logical CPUs the first step's loss already "
-    "differs from one device (3.46 vs 3.10, same batches, synchronized BN), so the "
-    "initial state or forward pass differs; JAX DataParallel matches"))
 def test_tf_mirrored_over_two_cpus_trains_what_one_device_trains(data_dir, tmp_path):
     one, two = _parity("tensorflow", data_dir, tmp_path)
     _assert_same_run(one, two)

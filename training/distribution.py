@@ -91,6 +91,29 @@ class Plan:
         return dataset
 
 
+def each_opening_alike(make):
+    """The tf.data dataset `make()` returns, rebuilt each time it is opened (iterated),
+    so that every opening yields the same stream.
+
+    `make`: () -> tf.data.Dataset, e.g. a training pipeline whose shuffles reshuffle on
+    each opening (`reshuffle_each_iteration=True`). Those draw their seeds from a seed
+    generator that lives as long as the dataset, so the k-th opening gives the k-th
+    order. Keras 3.15's TensorFlow `fit` opens its data twice under a tf.distribute
+    strategy (once to build the model symbolically from a peeked batch, then to
+    train) but once on one device or JAX, so without this a strategy trained on
+    another order than one device. Options and cardinality are those of `make()`.
+    """
+    import tensorflow as tf
+
+    first = make()  # built, not iterated: its options and cardinality
+    fresh = tf.data.Dataset.range(1).flat_map(
+        tf.autograph.experimental.do_not_convert(lambda _: make()))
+    cardinality = int(first.cardinality())
+    if cardinality >= 0 or cardinality == tf.data.INFINITE_CARDINALITY:
+        fresh = fresh.apply(tf.data.experimental.assert_cardinality(cardinality))
+    return fresh.with_options(first.options())
+
+
 def scaled_learning_rate(learning_rate: float, lr_scaling: str, plan: Plan) -> float:
     """"none": `learning_rate` as given; "linear": times the replica count (Goyal et
     al. 2017), for a rate tuned on one device with batch_size / num_replicas."""

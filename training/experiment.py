@@ -23,6 +23,7 @@ an argument that `train` passes explicitly would be ignored silently
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -289,9 +290,10 @@ def _build_datasets(data_dir, info, task, image_size, batch_size, seed, determin
     augment_config = augment.config_for_modality(modality_lib.modality_of(info))
     # uint8 training batches: a quarter of the host->device copy (the model casts them
     # back to float32 on the device; rounding after augmentation moves < 0.5 levels).
-    train_ds = pipeline.make_dataset(os.path.join(data_dir, "train-*.tfrecord"),
-                                     training=True, augment_config=augment_config,
-                                     pixel_dtype="uint8", shard=plan.shard(), **common)
+    # Rebuilt on each opening: Keras' TF fit opens it once more under a strategy.
+    train_ds = distribution_lib.each_opening_alike(functools.partial(
+        pipeline.make_dataset, os.path.join(data_dir, "train-*.tfrecord"), training=True,
+        augment_config=augment_config, pixel_dtype="uint8", shard=plan.shard(), **common))
     val_ds = pipeline.make_dataset(os.path.join(data_dir, "val-*.tfrecord"), training=False,
                                    pixel_dtype="float32", **common)
     # A known length spares Keras the "input ran out of data" warning after each validation.
