@@ -222,11 +222,8 @@ def _backup_epoch(workdir) -> int:
         return 0
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param("jax", marks=pytest.mark.long),
-    pytest.param("tensorflow", marks=pytest.mark.xfail(
-    strict=True, reason="open: Keras 3.15's TF fit converts the PerReplica batches of "
-    "distribute_datasets_from_function to a tensor (ValueError)"))])
+@pytest.mark.parametrize("backend", [pytest.param("jax", marks=pytest.mark.long),
+                                     "tensorflow"])
 def test_two_processes_write_one_run_and_resume_after_a_kill(backend, tmp_path):
     """A 2-process job on localhost: a clean run writes one workdir; then a run whose
     process 1 is killed after epoch 1 resumes, both processes restarted, from epoch 1."""

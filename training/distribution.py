@@ -224,12 +224,51 @@ def _setup_tf(kind: str) -> Plan:
     if _tf_workers() < 1:
         raise ValueError("train.distribution='multi_worker' on TensorFlow needs TF_CONFIG "
                          "(cluster.worker addresses and this task's index)")
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    strategy = _multi_worker_strategy_class()()
     resolver = strategy.cluster_resolver
     task = json.loads(os.environ["TF_CONFIG"]).get("task", {})
     process_id = int(resolver.task_id) + (1 if task.get("type") == "worker"
                                           and "chief" in resolver.cluster_spec().jobs else 0)
     return Plan(kind, strategy.num_replicas_in_sync, _tf_workers(), process_id, strategy)
+
+
+# dtypes TF's collective all-reduce takes (CollectiveReduceV2).
+_COLLECTIVE_DTYPES = ("float16", "bfloat16", "float32", "float64", "int32", "int64")
+
+
+def _multi_worker_strategy_class():
+    """tf.distribute.MultiWorkerMirroredStrategy whose `reduce` takes what Keras 3.15's
+    TF `fit` hands it, as MirroredStrategy's does.
+
+    Without it `fit` fails on two calls of Keras' trainer (2 processes, Keras 3.15.1,
+    TF 2.21.0): it reduces the whole peeked (images, labels) batch, a nest of
+    PerReplica, which only MirroredStrategy maps over ("Attempt to convert a value
+    (PerReplica ...) to a Tensor"); then it reduces each scalar metric with axis=0
+    ("Invalid reduction dimension 0 for input with 0 dimensions", also
+    tensorflow/tensorflow#72388). Here a nest is reduced leaf by leaf, axis is
+    dropped for scalars, and dtypes the collectives refuse (uint8 images) are reduced
+    as float32 and cast back. Keras only reads the peeked batch's shapes.
+    """
+    import tensorflow as tf
+
+    class MultiWorkerMirrored(tf.distribute.MultiWorkerMirroredStrategy):
+        def reduce(self, reduce_op, value, axis):
+            return tf.nest.map_structure(lambda v: self._reduce_one(reduce_op, v, axis),
+                                         value)
+
+        def _reduce_one(self, reduce_op, value, axis):
+            local = self.experimental_local_results(value)
+            if local[0].shape.rank == 0:
+                axis = None
+            dtype = local[0].dtype
+            if dtype.name in _COLLECTIVE_DTYPES:
+                return super().reduce(reduce_op, value, axis)
+            as_float = self.experimental_distribute_values_from_function(
+                lambda context: tf.cast(local[context.replica_id_in_sync_group % len(local)],
+                                        tf.float32))
+            return tf.cast(super().reduce(reduce_op, as_float, axis), dtype)
+
+    return MultiWorkerMirrored
 
 
 def uses_cpu_strategy(plan: Plan) -> bool:
