@@ -84,8 +84,9 @@ class Plan:
 
     def distribute(self, dataset):
         """The per-process tf.data `dataset` as `fit` must get it: TF multi-worker wraps
-        it per worker (no re-sharding, no re-batching); elsewhere unchanged (Keras
-        splits each batch over the local devices)."""
+        it per worker (no re-sharding, no re-batching: each process has one device,
+        whose batch it is); elsewhere unchanged (Keras splits each batch over the
+        local devices)."""
         if self.backend == "tensorflow" and self.kind == "multi_worker":
             return self.engine.distribute_datasets_from_function(lambda context: dataset)
         return dataset
@@ -229,6 +230,13 @@ def _setup_tf(kind: str) -> Plan:
     task = json.loads(os.environ["TF_CONFIG"]).get("task", {})
     process_id = int(resolver.task_id) + (1 if task.get("type") == "worker"
                                           and "chief" in resolver.cluster_spec().jobs else 0)
+    if strategy.num_replicas_in_sync != _tf_workers():
+        # Plan.distribute hands each process's batch to its one replica; several local
+        # GPUs would each take a whole per-process batch.
+        raise ValueError(f"train.distribution='multi_worker' on TensorFlow runs one device "
+                         f"per process, but this one has "
+                         f"{strategy.num_replicas_in_sync // _tf_workers()}: start one "
+                         "process per GPU (CUDA_VISIBLE_DEVICES), or use JAX")
     return Plan(kind, strategy.num_replicas_in_sync, _tf_workers(), process_id, strategy)
 
 
