@@ -23,8 +23,11 @@ from training import distribution
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 21 validation examples: the last batch of 8 (5) does not split over 2 devices.
 COUNTS = {"train": 48, "val": 21}
+# One residual block (stem, block, head: 5 conv/dense kernels): the runs cost compiling
+# and start-up more than steps, and every compiled op counts (twice: 1 and 2 devices).
+TINY = ("resnetv2_lite.widths = (8,)",)
 PARITY = ("train.deterministic = True", "train.steps_per_epoch = 6",
-          "train.bn_recalibration_batches = 2")
+          "train.bn_recalibration_batches = 2", *TINY)
 
 
 def _env(backend: str, **extra) -> dict:
@@ -92,6 +95,29 @@ def test_each_process_reads_its_own_files(tmp_path):
         pipeline._shard_subset(files[:2], 3, 0)
 
 
+def test_every_opening_of_the_training_data_yields_the_same_stream():
+    """Keras' TF fit opens its data once more under a strategy than on one device."""
+    import tensorflow as tf
+
+    def make():
+        ds = tf.data.Dataset.range(8).shuffle(8, seed=1, reshuffle_each_iteration=True)
+        options = tf.data.Options()
+        options.deterministic = True
+        return ds.repeat().batch(4).with_options(options)
+
+    def opening(ds):
+        return np.concatenate(list(ds.take(4).as_numpy_iterator())).tolist()
+
+    plain = make()
+    assert opening(plain) != opening(plain)  # the trap: each opening reshuffles anew
+    alike = distribution.each_opening_alike(make)
+    first = opening(make())
+    assert opening(alike) == opening(alike) == first
+    assert sorted(first[:8]) == list(range(8))  # still shuffled, each element once
+    assert int(alike.cardinality()) == tf.data.INFINITE_CARDINALITY
+    assert alike.options().deterministic
+
+
 # ----------------------------------------------------------------------------- parity
 
 
@@ -113,7 +139,7 @@ def _assert_same_run(one, two):
     w1, w2 = _weights(one / name), _weights(two / name)
     assert w1.keys() == w2.keys() and len(w1) > 10
     kernels = [k for k in w1 if k.endswith("vars/0") and w1[k].ndim >= 2]
-    assert len(kernels) >= 7
+    assert len(kernels) >= 5
     for key in kernels:  # conv and dense kernels: float noise only
         np.testing.assert_allclose(w2[key], w1[key], atol=1e-4, rtol=1e-3, err_msg=key)
     for key in w1:
@@ -130,7 +156,6 @@ def _assert_same_run(one, two):
     assert float(h1[-1]["val_qwk"]) > 0.3  # a trained model, not a constant prediction
 
 
-@pytest.mark.long
 def test_jax_data_parallel_over_two_devices_trains_what_one_device_trains(data_dir, tmp_path):
     one, two = _parity("jax", data_dir, tmp_path,
                        XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -184,7 +209,9 @@ def _launch(backend, workdir, data_dir, scratch, *bindings, resume=False) -> lis
         env = _env(backend, TMPDIR=str(scratch))
         args = [f"--gin_file={os.path.join(REPO, 'configs', 'debug.gin')}",
                 f"--workdir={workdir}", f"--gin_bindings=train.data_dir = '{data_dir}'",
-                "--gin_bindings=train.distribution = 'multi_worker'", "--compilation_cache_dir=",
+                "--gin_bindings=train.distribution = 'multi_worker'",
+                # JAX: the restarted processes load what the killed ones compiled
+                f"--compilation_cache_dir={scratch / 'jax_cache'}",
                 *[f"--gin_bindings={b}" for b in bindings], *(["--resume"] if resume else [])]
         if backend == "jax":
             args += [f"--coordinator_address=localhost:{ports[0]}", "--num_processes=2",
@@ -222,8 +249,7 @@ def _backup_epoch(workdir) -> int:
         return 0
 
 
-@pytest.mark.parametrize("backend", [pytest.param("jax", marks=pytest.mark.long),
-                                     "tensorflow"])
+@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
 def test_two_processes_write_one_run_and_resume_after_a_kill(backend, tmp_path):
     """A 2-process job on localhost: a clean run writes one workdir; then a run whose
     process 1 is killed after epoch 1 resumes, both processes restarted, from epoch 1."""
@@ -231,7 +257,7 @@ def test_two_processes_write_one_run_and_resume_after_a_kill(backend, tmp_path):
 
     data_dir, scratch = _two_shard_data(str(tmp_path / "data")), tmp_path / "scratch"
     scratch.mkdir()
-    run = ("train.epochs = 3", "train.steps_per_epoch = 16")
+    run = ("train.epochs = 3", "train.steps_per_epoch = 4", *TINY)
     workdir = tmp_path / "w"
     procs = _launch(backend, workdir, data_dir, scratch, *run)
     deadline = time.time() + 900

@@ -199,7 +199,7 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
                 resumed, keep_operative = _create_workdir(workdir, data_dir, resume, changes)
             else:  # writes go to a private folder; the backup is read from the chief's
                 resumed, keep_operative = resume and os.path.isdir(_backup_root(workdir)), True
-                own = _worker_dir(workdir, plan)
+                own = _worker_dir(workdir, plan, resumed)
                 tensorboard = False
             best = cb.BestCheckpoint(os.path.join(own, "checkpoints"), monitor, mode,
                                      checkpoint_every_epochs)
@@ -615,9 +615,11 @@ def _jit_under(plan, jit_compile: bool) -> bool:
     return jit_compile
 
 
-def _worker_dir(workdir: str, plan) -> str:
+def _worker_dir(workdir: str, plan, resumed: bool = False) -> str:
     """A private folder for the files a non-chief process writes (removed after; named
-    after the workdir, so that a restart after a kill replaces what the killed one left)."""
+    after the workdir, so that a restart after a kill replaces what the killed one left).
+    Resumed: it starts from the chief's best checkpoint and its state, so that every
+    process ends on the same best weights (JAX refuses to load differing ones)."""
     import hashlib
     import tempfile
 
@@ -625,6 +627,10 @@ def _worker_dir(workdir: str, plan) -> str:
     own = os.path.join(tempfile.gettempdir(), f"fundusflow_process{plan.process_id}_{key}")
     shutil.rmtree(own, ignore_errors=True)
     os.makedirs(os.path.join(own, "checkpoints"))
+    for name in ("best.json", "best.weights.h5") if resumed else ():
+        chief = os.path.join(workdir, "checkpoints", name)
+        if os.path.exists(chief):
+            shutil.copy2(chief, os.path.join(own, "checkpoints", name))
     logging.info("process %d: the chief writes %s; this one's files go to %s",
                  plan.process_id, workdir, own)
     return own
