@@ -220,6 +220,10 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
                 if stage.index > 0:  # stage 0 was compiled above, before the workdir existed
                     _compile_stage(net, stage, task, info, head, loss_fn, steps, warmup_epochs,
                                    jit_compile, opt_kw, weighted_metrics=plan.num_replicas > 1)
+                    # Each fit starts its training stream anew: a stream of its own.
+                    fit_data["x"] = plan.distribute(_build_datasets(
+                        data_dir, info, task, image_size, batch_size, seed + stage.index,
+                        deterministic, steps_per_epoch, plan)[0])
                 stage_cbs = run_cbs + _stage_callbacks(
                     own, stage, best,
                     early_stopping_patience if stage.end == epochs else 0,
