@@ -23,8 +23,11 @@ from training import distribution
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 21 validation examples: the last batch of 8 (5) does not split over 2 devices.
 COUNTS = {"train": 48, "val": 21}
+# One residual block (stem, block, head: 5 conv/dense kernels): the runs cost compiling
+# and start-up more than steps, and every compiled op counts (twice: 1 and 2 devices).
+TINY = ("resnetv2_lite.widths = (8,)",)
 PARITY = ("train.deterministic = True", "train.steps_per_epoch = 6",
-          "train.bn_recalibration_batches = 2")
+          "train.bn_recalibration_batches = 2", *TINY)
 
 
 def _env(backend: str, **extra) -> dict:
@@ -92,6 +95,29 @@ def test_each_process_reads_its_own_files(tmp_path):
         pipeline._shard_subset(files[:2], 3, 0)
 
 
+def test_every_opening_of_the_training_data_yields_the_same_stream():
+    """Keras' TF fit opens its data once more under a strategy than on one device."""
+    import tensorflow as tf
+
+    def make():
+        ds = tf.data.Dataset.range(8).shuffle(8, seed=1, reshuffle_each_iteration=True)
+        options = tf.data.Options()
+        options.deterministic = True
+        return ds.repeat().batch(4).with_options(options)
+
+    def opening(ds):
+        return np.concatenate(list(ds.take(4).as_numpy_iterator())).tolist()
+
+    plain = make()
+    assert opening(plain) != opening(plain)  # the trap: each opening reshuffles anew
+    alike = distribution.each_opening_alike(make)
+    first = opening(make())
+    assert opening(alike) == opening(alike) == first
+    assert sorted(first[:8]) == list(range(8))  # still shuffled, each element once
+    assert int(alike.cardinality()) == tf.data.INFINITE_CARDINALITY
+    assert alike.options().deterministic
+
+
 # ----------------------------------------------------------------------------- parity
 
 
@@ -113,7 +139,7 @@ def _assert_same_run(one, two):
     w1, w2 = _weights(one / name), _weights(two / name)
     assert w1.keys() == w2.keys() and len(w1) > 10
     kernels = [k for k in w1 if k.endswith("vars/0") and w1[k].ndim >= 2]
-    assert len(kernels) >= 7
+    assert len(kernels) >= 5
     for key in kernels:  # conv and dense kernels: float noise only
         np.testing.assert_allclose(w2[key], w1[key], atol=1e-4, rtol=1e-3, err_msg=key)
     for key in w1:
@@ -130,17 +156,13 @@ def _assert_same_run(one, two):
     assert float(h1[-1]["val_qwk"]) > 0.3  # a trained model, not a constant prediction
 
 
-@pytest.mark.long
+@pytest.mark.long  # ~2 min on one core (JAX compiles ~1,000 small programs): make test-all
 def test_jax_data_parallel_over_two_devices_trains_what_one_device_trains(data_dir, tmp_path):
     one, two = _parity("jax", data_dir, tmp_path,
                        XLA_FLAGS="--xla_force_host_platform_device_count=2")
     _assert_same_run(one, two)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open: under MirroredStrategy over 2 logical CPUs the first step's loss already "
-    "differs from one device (3.46 vs 3.10, same batches, synchronized BN), so the "
-    "initial state or forward pass differs; JAX DataParallel matches"))
 def test_tf_mirrored_over_two_cpus_trains_what_one_device_trains(data_dir, tmp_path):
     one, two = _parity("tensorflow", data_dir, tmp_path)
     _assert_same_run(one, two)
@@ -188,7 +210,9 @@ def _launch(backend, workdir, data_dir, scratch, *bindings, resume=False) -> lis
         env = _env(backend, TMPDIR=str(scratch))
         args = [f"--gin_file={os.path.join(REPO, 'configs', 'debug.gin')}",
                 f"--workdir={workdir}", f"--gin_bindings=train.data_dir = '{data_dir}'",
-                "--gin_bindings=train.distribution = 'multi_worker'", "--compilation_cache_dir=",
+                "--gin_bindings=train.distribution = 'multi_worker'",
+                # JAX: the restarted processes load what the killed ones compiled
+                f"--compilation_cache_dir={scratch / 'jax_cache'}",
                 *[f"--gin_bindings={b}" for b in bindings], *(["--resume"] if resume else [])]
         if backend == "jax":
             args += [f"--coordinator_address=localhost:{ports[0]}", "--num_processes=2",
@@ -227,18 +251,17 @@ def _backup_epoch(workdir) -> int:
 
 
 @pytest.mark.parametrize("backend", [
-    pytest.param("jax", marks=pytest.mark.long),
-    pytest.param("tensorflow", marks=pytest.mark.xfail(
-    strict=True, reason="open: Keras 3.15's TF fit converts the PerReplica batches of "
-    "distribute_datasets_from_function to a tensor (ValueError)"))])
+    pytest.param("jax", marks=pytest.mark.long),  # ~4 min on one core: make test-all
+    "tensorflow"])
 def test_two_processes_write_one_run_and_resume_after_a_kill(backend, tmp_path):
-    """A 2-process job on localhost: a clean run writes one workdir; then a run whose
-    process 1 is killed after epoch 1 resumes, both processes restarted, from epoch 1."""
+    """A 2-process job on localhost whose process 1 is killed in epoch 2 (after the
+    backup of epoch 1): both restarted with --resume continue from epoch 1 and leave one
+    workdir with one set of checkpoints, the chief's."""
     import time
 
     data_dir, scratch = _two_shard_data(str(tmp_path / "data")), tmp_path / "scratch"
     scratch.mkdir()
-    run = ("train.epochs = 3", "train.steps_per_epoch = 16")
+    run = ("train.epochs = 2", "train.steps_per_epoch = 4", *TINY)
     workdir = tmp_path / "w"
     procs = _launch(backend, workdir, data_dir, scratch, *run)
     deadline = time.time() + 900
@@ -252,17 +275,16 @@ def test_two_processes_write_one_run_and_resume_after_a_kill(backend, tmp_path):
     for p in procs:
         p.wait()
     done = _backup_epoch(workdir)
-    assert done >= 1, (scratch / "process0.log").read_text()[-3000:]
+    assert done == 1, (scratch / "process0.log").read_text()[-3000:]
     assert not (workdir / "training_summary.json").exists()
     _wait(_launch(backend, workdir, data_dir, scratch, *run, resume=True), scratch)
     with open(workdir / "training_summary.json") as f:
         summary = json.load(f)
     assert summary["resumed"] and summary["processes"] == 2
-    assert [int(r["epoch"]) for r in _history(workdir)] == [0, 1, 2]
+    assert [int(r["epoch"]) for r in _history(workdir)] == [0, 1]
     with open(workdir / "resume_log.json") as f:
         assert [entry["after_epoch"] for entry in json.load(f)] == [done]
     # Exactly one set of checkpoints: the chief's; process 1 left nothing behind.
     assert sorted(os.listdir(workdir / "checkpoints")) == [
-        "best.json", "best.weights.h5", "epoch_001.weights.h5", "epoch_002.weights.h5",
-        "epoch_003.weights.h5"]
+        "best.json", "best.weights.h5", "epoch_001.weights.h5", "epoch_002.weights.h5"]
     assert not list(scratch.glob("fundusflow_process*"))

@@ -6,8 +6,9 @@ reason on the host (`graph_bytes`, `process_bytes`), ok=False with a one-line
 error in the graph (`image_decode.decode`, `serving_batch`); no other exception,
 no crash, no hang (each example has a deadline: 60 s, because the first example of
 a test also traces its tf.function, which took 12 s on a loaded 2-core machine). The
-tf.functions are traced once per module, so later examples cost milliseconds. Examples are derandomized so CI
-sees the same ones every run; max_examples stays modest to keep the file fast.
+tf.functions are traced once per module, so later examples cost milliseconds.
+Examples are derandomized so CI sees the same ones every run; max_examples stays
+modest to keep the file fast.
 """
 
 import math

@@ -84,11 +84,35 @@ class Plan:
 
     def distribute(self, dataset):
         """The per-process tf.data `dataset` as `fit` must get it: TF multi-worker wraps
-        it per worker (no re-sharding, no re-batching); elsewhere unchanged (Keras
-        splits each batch over the local devices)."""
+        it per worker (no re-sharding, no re-batching: each process has one device,
+        whose batch it is); elsewhere unchanged (Keras splits each batch over the
+        local devices)."""
         if self.backend == "tensorflow" and self.kind == "multi_worker":
             return self.engine.distribute_datasets_from_function(lambda context: dataset)
         return dataset
+
+
+def each_opening_alike(make):
+    """The tf.data dataset `make()` returns, rebuilt each time it is opened (iterated),
+    so that every opening yields the same stream.
+
+    `make`: () -> tf.data.Dataset, e.g. a training pipeline whose shuffles reshuffle on
+    each opening (`reshuffle_each_iteration=True`). Those draw their seeds from a seed
+    generator that lives as long as the dataset, so the k-th opening gives the k-th
+    order. Keras 3.15's TensorFlow `fit` opens its data twice under a tf.distribute
+    strategy (once to build the model symbolically from a peeked batch, then to
+    train) but once on one device or JAX, so without this a strategy trained on
+    another order than one device. Options and cardinality are those of `make()`.
+    """
+    import tensorflow as tf
+
+    first = make()  # built, not iterated: its options and cardinality
+    fresh = tf.data.Dataset.range(1).flat_map(
+        tf.autograph.experimental.do_not_convert(lambda _: make()))
+    cardinality = int(first.cardinality())
+    if cardinality >= 0 or cardinality == tf.data.INFINITE_CARDINALITY:
+        fresh = fresh.apply(tf.data.experimental.assert_cardinality(cardinality))
+    return fresh.with_options(first.options())
 
 
 def scaled_learning_rate(learning_rate: float, lr_scaling: str, plan: Plan) -> float:
@@ -201,12 +225,58 @@ def _setup_tf(kind: str) -> Plan:
     if _tf_workers() < 1:
         raise ValueError("train.distribution='multi_worker' on TensorFlow needs TF_CONFIG "
                          "(cluster.worker addresses and this task's index)")
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    strategy = _multi_worker_strategy_class()()
     resolver = strategy.cluster_resolver
     task = json.loads(os.environ["TF_CONFIG"]).get("task", {})
     process_id = int(resolver.task_id) + (1 if task.get("type") == "worker"
                                           and "chief" in resolver.cluster_spec().jobs else 0)
+    if strategy.num_replicas_in_sync != _tf_workers():
+        # Plan.distribute hands each process's batch to its one replica; several local
+        # GPUs would each take a whole per-process batch.
+        raise ValueError(f"train.distribution='multi_worker' on TensorFlow runs one device "
+                         f"per process, but this one has "
+                         f"{strategy.num_replicas_in_sync // _tf_workers()}: start one "
+                         "process per GPU (CUDA_VISIBLE_DEVICES), or use JAX")
     return Plan(kind, strategy.num_replicas_in_sync, _tf_workers(), process_id, strategy)
+
+
+# dtypes TF's collective all-reduce takes (CollectiveReduceV2).
+_COLLECTIVE_DTYPES = ("float16", "bfloat16", "float32", "float64", "int32", "int64")
+
+
+def _multi_worker_strategy_class():
+    """tf.distribute.MultiWorkerMirroredStrategy whose `reduce` takes what Keras 3.15's
+    TF `fit` hands it, as MirroredStrategy's does.
+
+    Without it `fit` fails on two calls of Keras' trainer (2 processes, Keras 3.15.1,
+    TF 2.21.0): it reduces the whole peeked (images, labels) batch, a nest of
+    PerReplica, which only MirroredStrategy maps over ("Attempt to convert a value
+    (PerReplica ...) to a Tensor"); then it reduces each scalar metric with axis=0
+    ("Invalid reduction dimension 0 for input with 0 dimensions", also
+    tensorflow/tensorflow#72388). Here a nest is reduced leaf by leaf, axis is
+    dropped for scalars, and dtypes the collectives refuse (uint8 images) are reduced
+    as float32 and cast back. Keras only reads the peeked batch's shapes.
+    """
+    import tensorflow as tf
+
+    class MultiWorkerMirrored(tf.distribute.MultiWorkerMirroredStrategy):
+        def reduce(self, reduce_op, value, axis):
+            return tf.nest.map_structure(lambda v: self._reduce_one(reduce_op, v, axis),
+                                         value)
+
+        def _reduce_one(self, reduce_op, value, axis):
+            local = self.experimental_local_results(value)
+            if local[0].shape.rank == 0:
+                axis = None
+            dtype = local[0].dtype
+            if dtype.name in _COLLECTIVE_DTYPES:
+                return super().reduce(reduce_op, value, axis)
+            as_float = self.experimental_distribute_values_from_function(
+                lambda context: tf.cast(local[context.replica_id_in_sync_group % len(local)],
+                                        tf.float32))
+            return tf.cast(super().reduce(reduce_op, as_float, axis), dtype)
+
+    return MultiWorkerMirrored
 
 
 def uses_cpu_strategy(plan: Plan) -> bool:

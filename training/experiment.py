@@ -23,6 +23,7 @@ an argument that `train` passes explicitly would be ignored silently
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -205,7 +206,7 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
                 resumed, keep_operative = _create_workdir(workdir, data_dir, resume, changes)
             else:  # writes go to a private folder; the backup is read from the chief's
                 resumed, keep_operative = resume and os.path.isdir(_backup_root(workdir)), True
-                own = _worker_dir(workdir, plan)
+                own = _worker_dir(workdir, plan, resumed)
                 tensorboard = False
             best = cb.BestCheckpoint(os.path.join(own, "checkpoints"), monitor, mode,
                                      checkpoint_every_epochs)
@@ -227,6 +228,10 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
                 if stage.index > 0:  # stage 0 was compiled above, before the workdir existed
                     _compile_stage(net, stage, task, info, head, loss_fn, steps, warmup_epochs,
                                    jit_compile, opt_kw, weighted_metrics=plan.num_replicas > 1)
+                    # Each fit starts its training stream anew: a stream of its own.
+                    fit_data["x"] = plan.distribute(_build_datasets(
+                        data_dir, info, task, image_size, batch_size, seed + stage.index,
+                        deterministic, steps_per_epoch, plan, augment_on)[0])
                 stage_cbs = run_cbs + _stage_callbacks(
                     own, stage, best,
                     early_stopping_patience if stage.end == epochs else 0,
@@ -302,10 +307,11 @@ def _build_datasets(data_dir, info, task, image_size, batch_size, seed, determin
     augment_config = augment.config_for_modality(modality_lib.modality_of(info))
     # uint8 training batches: a quarter of the host->device copy (the model casts them
     # back to float32 on the device; rounding after augmentation moves < 0.5 levels).
-    train_ds = pipeline.make_dataset(os.path.join(data_dir, "train-*.tfrecord"),
-                                     training=True, augment_config=augment_config,
-                                     pixel_dtype="uint8", shard=plan.shard(),
-                                     augment_on=augment_on, **common)
+    # Rebuilt on each opening: Keras' TF fit opens it once more under a strategy.
+    train_ds = distribution_lib.each_opening_alike(functools.partial(
+        pipeline.make_dataset, os.path.join(data_dir, "train-*.tfrecord"), training=True,
+        augment_config=augment_config, pixel_dtype="uint8", shard=plan.shard(),
+        augment_on=augment_on, **common))
     val_ds = pipeline.make_dataset(os.path.join(data_dir, "val-*.tfrecord"), training=False,
                                    pixel_dtype="float32", **common)
     # A known length spares Keras the "input ran out of data" warning after each validation.
@@ -628,9 +634,11 @@ def _jit_under(plan, jit_compile: bool) -> bool:
     return jit_compile
 
 
-def _worker_dir(workdir: str, plan) -> str:
+def _worker_dir(workdir: str, plan, resumed: bool = False) -> str:
     """A private folder for the files a non-chief process writes (removed after; named
-    after the workdir, so that a restart after a kill replaces what the killed one left)."""
+    after the workdir, so that a restart after a kill replaces what the killed one left).
+    Resumed: it starts from the chief's best checkpoint and its state, so that every
+    process ends on the same best weights (JAX refuses to load differing ones)."""
     import hashlib
     import tempfile
 
@@ -638,6 +646,10 @@ def _worker_dir(workdir: str, plan) -> str:
     own = os.path.join(tempfile.gettempdir(), f"fundusflow_process{plan.process_id}_{key}")
     shutil.rmtree(own, ignore_errors=True)
     os.makedirs(os.path.join(own, "checkpoints"))
+    for name in ("best.json", "best.weights.h5") if resumed else ():
+        chief = os.path.join(workdir, "checkpoints", name)
+        if os.path.exists(chief):
+            shutil.copy2(chief, os.path.join(own, "checkpoints", name))
     logging.info("process %d: the chief writes %s; this one's files go to %s",
                  plan.process_id, workdir, own)
     return own
