@@ -23,8 +23,9 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # jax: tests check that models/ gives the same numbers on the GPU host's backend.
     # hypothesis: property-based tests of decoding / field detection (tests/test_properties.py).
-    "test": ["pytest==9.2.0", "ruff==0.17.6", "jax==0.10.2", "jaxlib==0.10.2",
-             "hypothesis==6.170.17"],
+    # pytest-xdist: `make test` runs the test files on both CI cores (-n 2).
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2", "ruff==0.17.6",
+             "jax==0.10.2", "jaxlib==0.10.2", "hypothesis==6.170.17"],
     "onnx": ["tf2onnx==1.17.0", "onnx==1.23.1", "onnxruntime==1.30.0"],
     "jax": ["jax==0.10.2", "jaxlib==0.10.2"],
 }
