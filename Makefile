@@ -20,7 +20,7 @@ $(STAMP): setup.py
 # Two workers, whole files each (module fixtures are built once): the suite spends much
 # of its time in single-threaded start-ups, which a second worker overlaps.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not long" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not long" --durations=15 tests
 
 # Everything, the long multi-device and fault-injection runs included.
 test-all: $(STAMP)
