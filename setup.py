@@ -23,9 +23,11 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # jax: tests check that models/ gives the same numbers on the GPU host's backend.
     # hypothesis: property-based tests of decoding / field detection (tests/test_properties.py).
-    # pytest-xdist: `make test` runs the test files on both CI cores (-n 2).
+    # pytest-xdist: `make test` runs the test files on both CI cores (-n 2). The onnx
+    # extra too: the ONNX export tests and the OCT / OcuNet chains' ONNX steps run in CI.
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2", "ruff==0.17.6",
-             "jax==0.10.2", "jaxlib==0.10.2", "hypothesis==6.170.17"],
+             "jax==0.10.2", "jaxlib==0.10.2", "hypothesis==6.170.17",
+             "tf2onnx==1.17.0", "onnx==1.23.1", "onnxruntime==1.30.0"],
     "onnx": ["tf2onnx==1.17.0", "onnx==1.23.1", "onnxruntime==1.30.0"],
     "jax": ["jax==0.10.2", "jaxlib==0.10.2"],
 }

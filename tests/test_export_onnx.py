@@ -61,8 +61,8 @@ def test_onnx_reproduces_tta_when_the_rule_was_tuned_with_it(tmp_path):
 
     net = build_model("resnetv2_lite", "dr_grade", 5, S)
     spec = dataclasses.replace(exporting.spec_from_dataset(net, DATASET), tta=True)
-    out = exporting.write_onnx(net, spec, tmp_path, version=1)
-    assert json.loads((out / exporting.PREPROCESSING_JSON).read_text())["tta"] is True
+    out = onnx_export.write_onnx(net, spec, tmp_path, version=1)
+    assert json.loads((out / onnx_export.PREPROCESSING_JSON).read_text())["tta"] is True
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(3).uniform(0, 255, (2, S, S, 3)).astype(np.float32)
     got = dict(zip([o.name for o in session.get_outputs()],
