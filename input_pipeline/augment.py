@@ -40,7 +40,7 @@ import tensorflow as tf
 # Fixed seed slots: adding an op appends to this tuple, never reorders it.
 _SLOTS = ("affine", "hflip", "vflip", "brightness", "contrast", "saturation", "hue",
           "sharpness", "blur", "erase", "randaugment")
-_GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as PIL's "L" conversion.
+GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as PIL's "L" conversion.
 
 
 @gin.configurable
@@ -136,7 +136,7 @@ def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor) -> tf.Tensor:
 
 def _gray(image: tf.Tensor) -> tf.Tensor:
     """[H, W, 3] -> [H, W, 1] luma."""
-    return tf.tensordot(image, tf.constant(_GRAY), axes=[[2], [0]])[..., None]
+    return tf.tensordot(image, tf.constant(GRAY), axes=[[2], [0]])[..., None]
 
 
 def _size(image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -281,7 +281,7 @@ def _mean_rgb(image: tf.Tensor) -> tf.Tensor:
 
 def adjust_contrast(image: tf.Tensor, factor) -> tf.Tensor:
     """Blends with the image's mean grey level (PIL Contrast)."""
-    mean_gray = tf.tensordot(_mean_rgb(image), tf.constant(_GRAY), 1)
+    mean_gray = tf.tensordot(_mean_rgb(image), tf.constant(GRAY), 1)
     return _blend(mean_gray, image, factor)
 
 
@@ -311,7 +311,7 @@ def _hue_matrix(turns) -> tf.Tensor:
 
 def _saturation_matrix(factor) -> tf.Tensor:
     """3x3 of `adjust_saturation`: factor * I + (1 - factor) * (rows of luma weights)."""
-    gray = tf.tile(tf.constant([_GRAY]), [3, 1])
+    gray = tf.tile(tf.constant([GRAY]), [3, 1])
     return factor * tf.eye(3) + (1.0 - factor) * gray
 
 
@@ -331,7 +331,7 @@ def colour_jitter(image: tf.Tensor, brightness=1.0, saturation=1.0, hue=0.0,
     clips after every step).
     """
     matrix = jitter_matrix(brightness, saturation, hue)
-    mean_gray = tf.tensordot(tf.linalg.matvec(matrix, _mean_rgb(image)), tf.constant(_GRAY), 1)
+    mean_gray = tf.tensordot(tf.linalg.matvec(matrix, _mean_rgb(image)), tf.constant(GRAY), 1)
     out = _apply_colour_matrix(image, contrast * matrix) + (1.0 - contrast) * mean_gray
     return _clip(out)
 

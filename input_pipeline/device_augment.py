@@ -18,7 +18,7 @@ contrast around the mean grey of every 4th row and column, clip, then the fundus
 import keras
 from keras import ops
 
-_GRAY = (0.299, 0.587, 0.114)  # as augment._GRAY
+from input_pipeline.augment import GRAY
 
 
 def warp(images, transforms):
@@ -64,7 +64,7 @@ def colour(images, matrices, contrast):
     Returns:
         float32 [B, H, W, 3] in [0, 255].
     """
-    gray = ops.convert_to_tensor(_GRAY, "float32")
+    gray = ops.convert_to_tensor(GRAY, "float32")
     mean_rgb = ops.mean(images[:, ::4, ::4], axis=(1, 2))  # as augment._mean_rgb
     mean_gray = ops.sum(ops.einsum("bij,bj->bi", matrices, mean_rgb) * gray, axis=-1)
     c = contrast[:, None, None, None]

@@ -180,7 +180,7 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
                 augment_on = augmenting.resolve(augment_on, augment_config)
                 train_ds, val_ds, steps = _build_datasets(
                     data_dir, info, task, image_size, batch_size, seed, deterministic,
-                    steps_per_epoch, plan, augment_on)
+                    steps_per_epoch, plan, augment_on, augment_config)
                 learning_rate = distribution_lib.scaled_learning_rate(learning_rate,
                                                                       lr_scaling, plan)
                 net = _build_model(model, task, info["num_classes"], image_size, weights,
@@ -231,7 +231,7 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
                     # Each fit starts its training stream anew: a stream of its own.
                     fit_data["x"] = plan.distribute(_build_datasets(
                         data_dir, info, task, image_size, batch_size, seed + stage.index,
-                        deterministic, steps_per_epoch, plan, augment_on)[0])
+                        deterministic, steps_per_epoch, plan, augment_on, augment_config)[0])
                 stage_cbs = run_cbs + _stage_callbacks(
                     own, stage, best,
                     early_stopping_patience if stage.end == epochs else 0,
@@ -288,7 +288,8 @@ def load_dataset_info(data_dir: str) -> dict:
 
 
 def _build_datasets(data_dir, info, task, image_size, batch_size, seed, deterministic,
-                    steps_per_epoch, plan=None, augment_on: str = "host"):
+                    steps_per_epoch, plan=None, augment_on: str = "host",
+                    augment_config: augment.AugmentConfig | None = None):
     """(train tf.data (repeats), val tf.data (one pass), train steps per epoch).
 
     This process's share under `plan` (distribution.Plan): training reads its subset of
@@ -297,14 +298,16 @@ def _build_datasets(data_dir, info, task, image_size, batch_size, seed, determin
     unchanged). `batch_size` is the global batch, steps count global batches.
 
     Augmentation is `AugmentConfig` with the defaults of dataset.json's modality
-    (`augment.config_for_modality`), caching/sampling are `make_dataset` arguments:
+    (`augment.config_for_modality`) unless `augment_config` is given (train passes the
+    one it resolved `augment_on` with); caching/sampling are `make_dataset` arguments:
     bind them in gin (`AugmentConfig.hue = 0.0`, `make_dataset.cache = "auto"`).
     """
     plan = plan or distribution_lib.Plan("none")
     global_batch, batch_size = batch_size, plan.per_process_batch(batch_size)
     common = dict(batch_size=batch_size, image_size=image_size, task=task,
                   num_classes=info["num_classes"], seed=seed, deterministic=deterministic)
-    augment_config = augment.config_for_modality(modality_lib.modality_of(info))
+    if augment_config is None:
+        augment_config = augment.config_for_modality(modality_lib.modality_of(info))
     # uint8 training batches: a quarter of the host->device copy (the model casts them
     # back to float32 on the device; rounding after augmentation moves < 0.5 levels).
     # Rebuilt on each opening: Keras' TF fit opens it once more under a strategy.
