@@ -36,6 +36,8 @@ flags.DEFINE_integer("prepare_size", 256, "Side length of the prepared images.")
 flags.DEFINE_string("work_dir", "/tmp/fundusflow_scaling", "Data, workdirs, caches.")
 flags.DEFINE_multi_string("train_bindings", [], "Extra gin bindings for train.py.")
 flags.DEFINE_string("json_out", "", "Optional path for the results as JSON.")
+flags.DEFINE_string("profile_dir", "", "If set: train_e2e's --profile_dir for each point "
+                    "(its subfolder n<devices>).")
 
 
 def _device_env(n: int) -> dict:
@@ -60,7 +62,9 @@ def _point(n: int, parts: str) -> dict:
             f"--num_images={FLAGS.num_images}", f"--prepare_size={FLAGS.prepare_size}",
             f"--work_dir={FLAGS.work_dir}", f"--json_out={out}", "--nocold_start",
             "--train_bindings=train.distribution = 'auto'",
-            *[f"--train_bindings={b}" for b in FLAGS.train_bindings]]
+            *[f"--train_bindings={b}" for b in FLAGS.train_bindings],
+            *([f"--profile_dir={os.path.join(FLAGS.profile_dir, f'n{n}')}"]
+              if FLAGS.profile_dir else [])]
     done = subprocess.run(args, env=_device_env(n))
     if done.returncode or not os.path.exists(out):
         sys.exit(f"error: the {n}-device run failed (exit {done.returncode})")

@@ -58,8 +58,11 @@ MobileNetV3-Large 224: step 4,488, train.py 3,144 (0.70x, GPU busy 0.35: the hos
 side of each 14 ms step is the limit), second start 29.7 s.
 """
 
+import cProfile
+import io
 import json
 import os
+import pstats
 import subprocess
 import sys
 import threading
@@ -80,7 +83,8 @@ flags.DEFINE_integer("num_images", 800, "Synthetic images (70 % train).")
 flags.DEFINE_integer("prepare_size", 256, "Side length of the prepared images.")
 flags.DEFINE_string("work_dir", "/tmp/fundusflow_e2e", "Data, workdirs, caches.")
 flags.DEFINE_list("parts", ["input", "step", "train", "repeat", "ablation"],
-                  "What to run: input, step, train, train_host, repeat, ablation.")
+                  "What to run: input, step, train, train_host, train_noprefetch, repeat, "
+                  "ablation.")
 flags.DEFINE_list("ablation", ["fixed_nometrics", "fixed", "fixed_uint8", "fixed_sync",
                                "pipeline"], "Ablation variants (see _ABLATIONS).")
 flags.DEFINE_list("input_variants", ["default"],
@@ -94,6 +98,8 @@ flags.DEFINE_multi_string("train_bindings", [], "Extra gin bindings for the trai
 flags.DEFINE_string("json_out", "", "Optional path for all results as JSON.")
 flags.DEFINE_bool("cold_start", True, "Empty train.py's compilation cache before the "
                   "train part (its first start is then cold; repeat finds it warm).")
+flags.DEFINE_string("profile_dir", "", "If set: cProfile of the training thread over "
+                    "epochs 2.. of each train part, written there (.prof + top-40 .txt).")
 flags.DEFINE_string("part", "", "Internal: run one measurement in this process.")
 flags.DEFINE_string("run_name", "run", "Internal: the train part's workdir name.")
 
@@ -195,11 +201,14 @@ def _epoch_recorder(base):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.epoch_seconds, self.sustained, self.gpu = [], [], GpuBusy()
+            self.profile = cProfile.Profile()
             self._t = self._mark = None
 
         def on_epoch_begin(self, epoch, logs=None):
             super().on_epoch_begin(epoch, logs)
             self.gpu.set(len(self.epoch_seconds) >= 1)
+            if FLAGS.profile_dir and len(self.epoch_seconds) >= 1:
+                self.profile.enable()
             self._t, self._mark = time.perf_counter(), None
 
         def on_train_batch_begin(self, batch, logs=None):
@@ -211,6 +220,7 @@ def _epoch_recorder(base):
         def _record(self):
             if self._t is not None:
                 _sync(self.model)
+                self.profile.disable()
                 now = time.perf_counter()
                 self.epoch_seconds.append(now - self._t)
                 if self._mark:
@@ -324,6 +334,8 @@ def part_train() -> dict:
     with open(os.path.join(workdir, "training_summary.json")) as f:
         summary = json.load(f)
     rec = made[0]
+    if FLAGS.profile_dir:
+        _write_profile(rec.profile, f"{FLAGS.model}_{FLAGS.run_name}")
     return {"images_per_s": _steady(rec.epoch_seconds, FLAGS.steps_per_epoch),
             "sustained_images_per_s": _mean(rec.sustained[1:]),
             "epoch_seconds": [round(s, 3) for s in rec.epoch_seconds],
@@ -331,6 +343,18 @@ def part_train() -> dict:
             "first_step_s": first_step[0] - _START if first_step else None,
             "wall_s": time.perf_counter() - _START, "summary_images_per_s":
             summary["images_per_s"], "augment_on": summary.get("augment_on")}
+
+
+def _write_profile(profile: cProfile.Profile, name: str) -> None:
+    """The training thread's profile: name.prof, and name.txt with the top 40 functions by
+    own time and by cumulative time."""
+    os.makedirs(FLAGS.profile_dir, exist_ok=True)
+    profile.dump_stats(os.path.join(FLAGS.profile_dir, f"{name}.prof"))
+    text = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(profile, stream=text).sort_stats(key).print_stats(40)
+    with open(os.path.join(FLAGS.profile_dir, f"{name}.txt"), "w") as f:
+        f.write(text.getvalue())
 
 
 def _watch_for(path: str) -> list:
@@ -431,12 +455,17 @@ def _child(part: str, *extra: str) -> dict:
     args = [sys.executable, "-m", "benchmarks.train_e2e", f"--part={part}", *extra,
             *[f"--{k}={getattr(FLAGS, k)}" for k in
               ("model", "image_size", "batch_size", "precision", "steps_per_epoch", "epochs",
-               "prepare_size", "work_dir", "ablation_steps", "skip_steps")],
+               "prepare_size", "work_dir", "ablation_steps", "skip_steps", "profile_dir")],
             f"--ablation={','.join(FLAGS.ablation)}",
             f"--input_variants={','.join(FLAGS.input_variants)}",
             *[f"--train_bindings={b}" for b in FLAGS.train_bindings]]
     t0 = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True)
+    if FLAGS.profile_dir:  # the child's log (train.py's timestamped steps) beside its profile
+        run = next((a.split("=", 1)[1] for a in extra if a.startswith("--run_name=")), "run")
+        os.makedirs(FLAGS.profile_dir, exist_ok=True)
+        with open(os.path.join(FLAGS.profile_dir, f"{FLAGS.model}_{part}_{run}.log"), "w") as f:
+            f.write(proc.stderr)
     if proc.returncode:
         print(f"{part} failed:\n{proc.stderr[-6000:]}", flush=True)
         return {"error": proc.stderr[-2000:]}
@@ -478,6 +507,11 @@ def _report(r: dict) -> None:
              train.get("gpu_busy")),
             (f"train.py sustained (steps {FLAGS.skip_steps}.. of epochs 2..)",
              train.get("sustained_images_per_s"), None)]
+    nopf = r.get("train_noprefetch", {})
+    rows.append(("train.py without device prefetch, steady state", nopf.get("images_per_s"),
+                 nopf.get("gpu_busy")))
+    rows.append(("train.py without device prefetch, sustained",
+                 nopf.get("sustained_images_per_s"), None))
     host = r.get("train_host", {})
     rows.append(("train.py augmenting on the host CPUs, steady state",
                  host.get("images_per_s"), host.get("gpu_busy")))
@@ -517,6 +551,9 @@ def main(_):
         elif part == "train_host":  # the same run augmenting on the host CPUs
             results[part] = _child("train", "--run_name=host",
                                    "--train_bindings=train.augment_on = 'host'")
+        elif part == "train_noprefetch":  # batches read on the training thread (Keras')
+            results[part] = _child("train", "--run_name=noprefetch",
+                                   "--train_bindings=train.device_prefetch = 0")
         else:
             results[part] = _child(part)
     _report(results)

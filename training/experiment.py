@@ -43,7 +43,7 @@ from input_pipeline import augment, integrity, pipeline  # noqa: F401  (augment:
 from input_pipeline import inspect as inspect_lib
 from input_pipeline import modality as modality_lib
 from models import backbones, decision, heads, losses, metrics  # noqa: F401  (backbones: gin configurables)
-from training import augmenting, optimizers
+from training import augmenting, optimizers, prefetch
 from training import callbacks as cb
 from training import config as config_lib
 from training import distribution as distribution_lib
@@ -86,7 +86,8 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
           tensorboard: bool = True, tune_thresholds_each_epoch: bool = False,
           threshold_min_recall: float = 0.3, threshold_max: float = 0.7,
           distribution: str = "auto", lr_scaling: str = "none",
-          augment_on: str = "auto", verbose: int = 2) -> dict:
+          augment_on: str = "auto", device_prefetch: int | None = None,
+          verbose: int = 2) -> dict:
     """Trains a model on a prepared data dir; returns the training summary dict.
 
     Args:
@@ -142,6 +143,10 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
         augment_on: "host" (tf.data), "device" (inside the compiled step, same random
             draws: training/augmenting.py) or "auto" (device when Keras sees an
             accelerator and the augmentation has no host-only op).
+        device_prefetch: batches moved onto the accelerator ahead of the step by a
+            thread of their own (JAX; training/prefetch.py); None: 2 on a JAX
+            accelerator, 0 (off) otherwise. Not part of the plan: batches and order
+            are the same.
     """
     t_start = time.time()
     with _as_config_errors():  # first: multi_worker on JAX must start before any JAX op
@@ -241,8 +246,9 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
                     backbone_lr_factor, not keep_operative,
                     backup_from=None if plan.is_chief else workdir)
                 net._initial_epoch = None  # else a previous stage's BackupAndRestore epoch wins
-                net.fit(**fit_data, epochs=stage.end, initial_epoch=stage.start,
-                        callbacks=stage_cbs, **fit_kw)
+                with prefetch.device_prefetch(net, prefetch.resolve(device_prefetch)):
+                    net.fit(**fit_data, epochs=stage.end, initial_epoch=stage.start,
+                            callbacks=stage_cbs, **fit_kw)
                 if nan_guard.triggered:
                     break
             # model.keras loads anywhere
@@ -492,7 +498,8 @@ class PlanChangedError(ValueError):
 
 
 # Bindings that change nothing trained (logging only).
-_NOT_PLAN = ("train.verbose", "train.tensorboard", "train.distribution")
+_NOT_PLAN = ("train.verbose", "train.tensorboard", "train.distribution",
+             "train.device_prefetch")
 
 
 def _check_resume_plan(workdir: str, data_dir: str, allow_changes: bool) -> dict:

@@ -1,0 +1,34 @@
+"""JAX-backend child of test_prefetch.py: one tiny fit with and without device_prefetch.
+
+Prints a JSON line: {"<depth>": [final weights as nested lists]} for depths 0 and 2.
+"""
+
+import json
+import sys
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from training import prefetch
+
+
+def _fit(depth: int, steps_per_epoch) -> list:
+    keras.utils.set_random_seed(0)
+    x = np.arange(7 * 4 * 3, dtype="float32").reshape(7 * 4, 3) / 50.0
+    y = (np.arange(7 * 4) % 2).astype("float32")[:, None]
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)  # 7 distinct batches
+    if steps_per_epoch:  # Keras keeps one iterator across epochs
+        ds = ds.repeat()
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"),
+                              keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse", jit_compile=True)
+    with prefetch.device_prefetch(model, depth):
+        model.fit(ds, epochs=3, steps_per_epoch=steps_per_epoch, verbose=0)
+    assert model.train_function is not None
+    return [w.tolist() for w in model.get_weights()]
+
+
+if __name__ == "__main__":
+    steps = int(sys.argv[1]) or None
+    print(json.dumps({str(d): _fit(d, steps) for d in (0, 2)}))

@@ -1,0 +1,121 @@
+"""Batches onto the accelerator ahead of the step, on a thread of their own (JAX backend).
+
+Keras' JAX `fit` takes each batch from its epoch iterator on the training thread: the
+tf.data batch becomes numpy, then `jax.device_put` copies it (sharded over the replicas
+under `keras.distribution`) before the step is dispatched. On a GPU whose step takes
+~15 ms, that host work is of the same order and adds to the step whenever it is not
+hidden; Keras 3.15 hides one batch of it on one device and none across several.
+`device_prefetch` moves it to a background thread that keeps `depth` batches on the
+devices ahead of the step, so the training thread only dispatches.
+
+The batches and their order are exactly those of the epoch iterator: one thread reads it,
+and batches it read ahead at an epoch's end are handed to the next epoch when Keras keeps
+the iterator (steps_per_epoch on a repeated dataset) and dropped with it when Keras makes
+a new one, as Keras itself would drop them.
+"""
+
+import contextlib
+import queue
+import threading
+
+import keras
+
+_END = object()
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class _Ahead:
+    """An iterator over `source` whose items are produced `depth` ahead on a thread."""
+
+    def __init__(self, source, depth: int):
+        self.source = source
+        self._queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, name="device_prefetch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self) -> None:
+        try:
+            for item in self.source:
+                if not self._put(item):
+                    return
+            self._put(_END)
+        except BaseException as error:  # re-raised on the training thread
+            self._put(_Failed(error))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is _END:
+            self._queue.put(_END)  # every later call ends too, as an exhausted iterator
+            raise StopIteration
+        if isinstance(item, _Failed):
+            raise item.error
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def resolve(depth: int | None) -> int:
+    """Batches to keep ahead: `depth`, or for None 2 on a JAX accelerator, else 0 (off).
+
+    Off on the TensorFlow backend (tf.data's own prefetch feeds its compiled loop) and on
+    JAX's CPU (host and device are the same cores: nothing to overlap).
+    """
+    if depth is not None:
+        if depth < 0:
+            raise ValueError(f"device_prefetch must be >= 0 or None, got {depth}")
+        return depth
+    if keras.backend.backend() != "jax":
+        return 0
+    import jax
+
+    return 0 if jax.default_backend() == "cpu" else 2
+
+
+@contextlib.contextmanager
+def device_prefetch(model: keras.Model, depth: int):
+    """Within the block, `model.fit` (JAX, compiled) reads its batches `depth` ahead.
+
+    `model` must be compiled. Wraps the train function Keras would make (fit keeps an
+    existing one); the thread and the wrapper go when the block exits. depth 0, other
+    backends: nothing changes.
+    """
+    if depth <= 0 or keras.backend.backend() != "jax":
+        yield
+        return
+    model.make_train_function()
+    step, ahead = model.train_function, []
+
+    def train_function(state, iterator):
+        if not ahead or ahead[-1].source is not iterator:  # fit's first step, or a new
+            if ahead:                                      # epoch iterator from Keras
+                ahead.pop().close()
+            ahead.append(_Ahead(iterator, depth))
+        return step(state, ahead[-1])
+
+    model.train_function = train_function
+    try:
+        yield
+    finally:
+        for a in ahead:
+            a.close()
+        model.train_function = step
