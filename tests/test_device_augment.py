@@ -103,3 +103,18 @@ def test_training_on_the_device_saves_the_network(tmp_path):
     assert not isinstance(net, augmenting.AugmentingModel)
     logits = keras.ops.convert_to_numpy(net(np.zeros((1, 32, 32, 3), np.float32)))
     assert np.isfinite(logits).all()
+
+
+def test_augmenting_model_stores_the_jax_fit_state_untracked():
+    """`_jax_state` (set by Keras' JAX fit every step) is kept as given, not walked and
+    wrapped by the tracker; the network is still tracked as a sub-layer."""
+    import keras
+
+    net = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(),
+                            keras.layers.Dense(2)])
+    model = augmenting.AugmentingModel(net, aug.AugmentConfig())
+    state = {"trainable_variables": [v.value for v in net.trainable_variables]}
+    model._jax_state = state
+    assert model._jax_state is state
+    assert net in model.layers
+    assert len(model.trainable_variables) == len(net.trainable_variables) == 2
