@@ -93,29 +93,36 @@ def resolve(depth: int | None) -> int:
 
 @contextlib.contextmanager
 def device_prefetch(model: keras.Model, depth: int):
-    """Within the block, `model.fit` (JAX, compiled) reads its batches `depth` ahead.
+    """Within the block, `model.fit` (JAX) reads its batches `depth` ahead.
 
-    `model` must be compiled. Wraps the train function Keras would make (fit keeps an
-    existing one); the thread and the wrapper go when the block exits. depth 0, other
-    backends: nothing changes.
+    Wraps the train function fit makes (after it has built the optimizer and metrics,
+    whose variables decide the state's shardings under a distribution); the thread and
+    the wrapper go when the block exits. depth 0, other backends: nothing changes.
     """
     if depth <= 0 or keras.backend.backend() != "jax":
         yield
         return
-    model.make_train_function()
-    step, ahead = model.train_function, []
+    make, ahead, inner = model.make_train_function, [], []
 
     def train_function(state, iterator):
         if not ahead or ahead[-1].source is not iterator:  # fit's first step, or a new
             if ahead:                                      # epoch iterator from Keras
                 ahead.pop().close()
             ahead.append(_Ahead(iterator, depth))
-        return step(state, ahead[-1])
+        return inner[-1](state, ahead[-1])
 
-    model.train_function = train_function
+    def make_train_function(force=False):
+        make(force=force)
+        if model.train_function is not train_function:  # made anew
+            inner.append(model.train_function)
+            model.train_function = train_function
+
+    model.make_train_function = make_train_function
     try:
         yield
     finally:
         for a in ahead:
             a.close()
-        model.train_function = step
+        del model.make_train_function
+        if model.train_function is train_function:
+            model.train_function = inner[-1]
