@@ -29,8 +29,23 @@ def _fit(depth: int, steps_per_epoch) -> list:
     return [w.tolist() for w in model.get_weights()]
 
 
+def _thread_sees(distribution) -> bool:
+    """Whether prefetch's thread reads batches under the caller's distribution."""
+
+    def source():
+        yield keras.distribution.distribution()
+
+    ahead = prefetch._Ahead(source(), depth=1)
+    seen = next(ahead)
+    ahead.close()
+    return seen is distribution
+
+
 if __name__ == "__main__":
     steps = int(sys.argv[1]) or None
+    out = {}
     if len(keras.distribution.list_devices()) > 1:  # the state's shardings come from fit
         keras.distribution.set_distribution(keras.distribution.DataParallel())
-    print(json.dumps({str(d): _fit(d, steps) for d in (0, 2)}))
+        out["thread_sees_distribution"] = _thread_sees(keras.distribution.distribution())
+    out.update({str(d): _fit(d, steps) for d in (0, 2)})
+    print(json.dumps(out))

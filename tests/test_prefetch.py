@@ -60,6 +60,8 @@ def test_jax_fit_with_prefetch_trains_what_fit_without_trains(steps_per_epoch, d
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = json.loads(out.stdout.strip().splitlines()[-1])
+    if devices > 1:  # else the thread's batches land whole on one device
+        assert runs.pop("thread_sees_distribution") is True
     for w0, w2 in zip(runs["0"], runs["2"], strict=True):
         # (float noise only: a batch out of order moves these weights by ~1e-2)
         np.testing.assert_allclose(np.array(w2), np.array(w0), rtol=1e-5, atol=1e-6)

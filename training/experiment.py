@@ -144,9 +144,9 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
             draws: training/augmenting.py) or "auto" (device when Keras sees an
             accelerator and the augmentation has no host-only op).
         device_prefetch: batches moved onto the accelerator ahead of the step by a
-            thread of their own (JAX; training/prefetch.py); None: 2 on a JAX
-            accelerator, 0 (off) otherwise. Not part of the plan: batches and order
-            are the same.
+            thread of their own (JAX; training/prefetch.py); None: 2 on one JAX
+            accelerator without a distribution, 0 (off) otherwise. Not part of the
+            plan: batches and order are the same.
     """
     t_start = time.time()
     with _as_config_errors():  # first: multi_worker on JAX must start before any JAX op

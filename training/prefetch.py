@@ -33,6 +33,11 @@ class _Ahead:
 
     def __init__(self, source, depth: int):
         self.source = source
+        # Keras keeps its global state (the distribution among it) per thread; the
+        # iterator shards each batch by the distribution it finds, so the thread must
+        # see the one in force here (else it puts whole batches on one device, which the
+        # step then replicates: each GPU computed the global batch, measured on two H200s).
+        self._distribution = keras.distribution.distribution()
         self._queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, name="device_prefetch",
@@ -49,6 +54,7 @@ class _Ahead:
         return False
 
     def _fill(self) -> None:
+        keras.distribution.set_distribution(self._distribution)
         try:
             for item in self.source:
                 if not self._put(item):
@@ -75,16 +81,18 @@ class _Ahead:
 
 
 def resolve(depth: int | None) -> int:
-    """Batches to keep ahead: `depth`, or for None 2 on a JAX accelerator, else 0 (off).
+    """Batches to keep ahead: `depth`, or for None 2 on one JAX accelerator, else 0 (off).
 
-    Off on the TensorFlow backend (tf.data's own prefetch feeds its compiled loop) and on
-    JAX's CPU (host and device are the same cores: nothing to overlap).
+    Off on the TensorFlow backend (tf.data's own prefetch feeds its compiled loop), on
+    JAX's CPU (host and device are the same cores: nothing to overlap) and, for now,
+    under a `keras.distribution`: there it has not been measured on GPUs since its
+    batches are sharded like Keras' own (pass a depth to use it).
     """
     if depth is not None:
         if depth < 0:
             raise ValueError(f"device_prefetch must be >= 0 or None, got {depth}")
         return depth
-    if keras.backend.backend() != "jax":
+    if keras.backend.backend() != "jax" or keras.distribution.distribution() is not None:
         return 0
     import jax
 
