@@ -52,6 +52,8 @@ def _stall_at(epoch: int, batch: int, seconds: float = 600.0):
     this process) when batch `batch` of epoch `epoch` begins."""
     import keras
 
+    from tests.reliability.inject import _add_callback  # the fault scenarios' patch
+
     class Stall(keras.callbacks.Callback):
         def on_epoch_begin(self, e, logs=None):
             self.epoch = e
@@ -62,13 +64,7 @@ def _stall_at(epoch: int, batch: int, seconds: float = 600.0):
                       file=sys.stderr, flush=True)
                 time.sleep(seconds)
 
-    fit = keras.Model.fit
-
-    def fit_then_stall(self, *args, **kwargs):
-        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), Stall()]
-        return fit(self, *args, **kwargs)
-
-    keras.Model.fit = fit_then_stall
+    _add_callback(Stall)
 
 
 def _parity(data_dir, out_dir, *bindings):
