@@ -226,7 +226,8 @@ def _launch(backend, workdir, data_dir, scratch, *bindings, resume=False,
         args = [f"--gin_file={os.path.join(REPO, 'configs', 'debug.gin')}",
                 f"--workdir={workdir}", f"--gin_bindings=train.data_dir = '{data_dir}'",
                 "--gin_bindings=train.distribution = 'multi_worker'",
-                # JAX: the restarted processes load what the killed ones compiled
+                # JAX: restarted, process 0 loads what it compiled before the kill
+                # (process 1 compiles again: training/compilation.py)
                 f"--compilation_cache_dir={scratch / 'jax_cache'}",
                 *[f"--gin_bindings={b}" for b in bindings], *(["--resume"] if resume else [])]
         if backend == "jax":
