@@ -22,7 +22,7 @@ $(STAMP): setup.py
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not long" --durations=15 tests
 
-# Everything, the long multi-device and fault-injection runs included.
+# Everything, the long fault-injection runs included.
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 

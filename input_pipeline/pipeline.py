@@ -314,6 +314,9 @@ def make_dataset(file_pattern: str, batch_size: int, training: bool, image_size:
         ds = sampling_lib.resample(ds, sampling, counts, seed=sample_seed,
                                    normal_count=normal_count)
 
+    # Not through autograph: this and everything it calls (augment.py) branch on Python
+    # values only, or with tf.cond; converting augment.py cost ~1.7 s of every start.
+    @tf.autograph.experimental.do_not_convert
     def element(index, f):
         if not cached:
             f = preprocess(decode(f), image_size)

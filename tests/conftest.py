@@ -36,9 +36,9 @@ def _fresh_gin_config():
 # The slowest files first (seconds on 2 busy cores, from `--durations`): `make test` runs
 # two pytest-xdist workers that take whole files in collection order, so a slow file
 # collected last would leave one worker idle for minutes at the end.
-SLOWEST_FIRST = ("test_reference_configs.py", "test_backends.py", "test_export.py",
-                 "test_task_defaults.py", "test_train_reliability.py", "test_train.py",
-                 "test_serving_parity.py", "test_predict.py", "test_distribution.py")
+SLOWEST_FIRST = ("test_reference_configs.py", "test_distribution.py", "test_backends.py",
+                 "test_export.py", "test_task_defaults.py", "test_train_reliability.py",
+                 "test_train.py", "test_serving_parity.py", "test_predict.py")
 
 
 def pytest_collection_modifyitems(config, items):

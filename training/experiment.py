@@ -122,7 +122,7 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
         checkpoint_every_epochs: also keep `epoch_NNN.weights.h5` every N epochs (0: off).
         seed, deterministic: seed init/augmentation; deterministic adds TF op determinism.
         precision: float32 | mixed_float16 | mixed_bfloat16 | auto (by backend/device).
-        jit_compile: XLA-compile the train step (off under op determinism).
+        jit_compile: XLA-compile the train step (TensorFlow: off under op determinism).
         steps_per_epoch: None -> one pass over the train split.
         bn_recalibration_batches: N > 0 re-estimates BatchNorm statistics on N fixed
             training batches before each validation ("precise BN", callbacks.py);
@@ -666,16 +666,24 @@ def _worker_dir(workdir: str, plan, resumed: bool = False) -> str:
 
 
 def _seed_everything(seed: int, deterministic: bool, jit_compile: bool) -> bool:
-    """Seeds Python/NumPy/backend RNGs; returns the jit_compile to use."""
+    """Seeds Python/NumPy/backend RNGs; returns the jit_compile to use.
+
+    TF op determinism covers TF ops: the tf.data pipeline, and on TensorFlow the step,
+    where it rules out XLA. A JAX step is no TF op: uncompiled it would run op by op
+    through the same XLA kernels (each op compiled on first use, then dispatched one at
+    a time), slower and no more deterministic, so it stays compiled.
+    """
     keras.utils.set_random_seed(seed)
-    if deterministic:
-        tf.config.experimental.enable_op_determinism()
-        if jit_compile:
-            # Keras would override jit_compile=True anyway, with a misleading warning.
-            logging.warning("deterministic=True: TF op determinism disables XLA "
-                            "(jit_compile=False).")
-        return False
-    return jit_compile
+    if not deterministic:
+        return jit_compile
+    tf.config.experimental.enable_op_determinism()
+    if keras.backend.backend() != "tensorflow":
+        return jit_compile
+    if jit_compile:
+        # Keras would override jit_compile=True anyway, with a misleading warning.
+        logging.warning("deterministic=True: TF op determinism disables XLA "
+                        "(jit_compile=False).")
+    return False
 
 
 def _set_precision(precision: str) -> str:
