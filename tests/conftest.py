@@ -22,14 +22,14 @@ def shared_data() -> pathlib.Path:
 
 @pytest.fixture(autouse=True)
 def _fresh_gin_config():
-    """Each test starts and ends with an empty gin config: bindings parsed by one test
-    (train() in-process, build_from_config) must not change the models another builds."""
+    """Each test starts and ends with an empty, unlocked gin config: bindings parsed by one
+    test (train() in-process, build_from_config) must not change the models another
+    builds, and a config one test finalized (locked) must not refuse the next one's."""
     import gin
 
-    with gin.unlock_config():
+    with gin.unlock_config():  # on exit: unlocked again, as it was on entry
         gin.clear_config()
-    yield
-    with gin.unlock_config():
+        yield
         gin.clear_config()
 
 
