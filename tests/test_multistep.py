@@ -1,0 +1,73 @@
+"""training/multistep.py: k training steps in one scanned jitted call (JAX)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from training import multistep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Per epoch of 3, for k = 4: {steps_per_epoch: (scanned calls, single-step calls)}.
+# 8 steps: two scans. 6: a scan, then the epoch's last 2 steps singly (Keras' loop would
+# take 4 there: 8 steps per epoch). One pass (0) over 7 batches: a scan, then the 3 left
+# before the data ends.
+_CALLS = {"8": (2, 0), "6": (1, 2), "0": (1, 3)}
+
+
+def _child(steps: str, devices: int) -> dict:
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    out = subprocess.run([sys.executable, "-m", "tests.multistep_run", steps], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _assert_same_training(one: dict, other: dict) -> None:
+    # (float noise only: one step more or less, or a batch out of order, moves these
+    # weights by ~1e-2)
+    for w1, w4 in zip(one["weights"], other["weights"], strict=True):
+        np.testing.assert_allclose(np.array(w4), np.array(w1), rtol=1e-5, atol=1e-6)
+    assert other["logs"].keys() == one["logs"].keys() == {"loss", "mae"}
+    for name, value in one["logs"].items():
+        np.testing.assert_allclose(other["logs"][name], value, rtol=1e-5)
+
+
+@pytest.mark.parametrize("devices", [1, 2], ids=["one_device", "data_parallel"])
+def test_four_steps_per_call_train_what_one_step_per_call_trains(devices):
+    """3 epochs with steps_per_execution 4 vs 1: same weights (BatchNorm's moving
+    statistics, Adam's slots carried through the scan) and final logs, whether 4 divides
+    the epoch or not or the data ends mid-execution; with device_prefetch feeding it;
+    under DataParallel over 2 devices, whose state shardings fit decides. The scan is
+    really used: the dispatches per epoch are counted."""
+    steps = "8,6,0" if devices == 1 else "6"
+    runs = _child(steps, devices)
+    for s, by_k in runs.items():
+        assert by_k["1"]["calls"] == {"scan": 0, "single": 0}  # k = 1: Keras' step
+        assert not np.allclose(np.array(by_k["1"]["weights"][0]), 0)
+        scans, singles = _CALLS[s]
+        for name in ("4", "4_prefetch") if devices == 1 else ("4",):
+            _assert_same_training(by_k["1"], by_k[name])
+            assert by_k[name]["calls"] == {"scan": 3 * scans, "single": 3 * singles}, (s, name)
+
+
+def test_stackable_needs_one_structure_shape_and_dtype():
+    a = (np.zeros((4, 3), "float32"), np.zeros((4, 1), "float32"))
+    assert multistep._stackable([a, a])
+    assert not multistep._stackable([a, (np.zeros((2, 3), "float32"), a[1])])  # short batch
+    assert not multistep._stackable([a, (a[0], a[1].astype("float16"))])
+    assert not multistep._stackable([a, (a[0], a[1], np.ones(4, "float32"))])  # + weights
+
+
+def test_check_refuses_a_count_below_one_and_on_tensorflow_one_not_dividing_the_epoch():
+    multistep.check(1, 7)
+    multistep.check(4, 8)
+    with pytest.raises(ValueError, match="steps_per_execution must be >= 1"):
+        multistep.check(0, 8)
+    with pytest.raises(ValueError, match="does not divide the 6 steps per epoch"):
+        multistep.check(4, 6)  # tests run on the TF backend
