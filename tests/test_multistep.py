@@ -71,3 +71,27 @@ def test_check_refuses_a_count_below_one_and_on_tensorflow_one_not_dividing_the_
         multistep.check(0, 8)
     with pytest.raises(ValueError, match="does not divide the 6 steps per epoch"):
         multistep.check(4, 6)  # tests run on the TF backend
+
+
+def test_train_runs_four_steps_per_call_fed_by_device_prefetch(tmp_path):
+    """experiment.train on JAX, jit-compiled, steps_per_execution 4 and device_prefetch 2,
+    2 epochs of 6 steps (a scan, then 2 single steps): it completes, every step trained
+    once, and the summary's images/s counts every step of each execution."""
+    from tests.test_train import write_shards
+
+    data_dir = write_shards(str(tmp_path / "data"))
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+    bindings = ["train.jit_compile = True", "train.steps_per_execution = 4",
+                "train.device_prefetch = 2", "train.steps_per_epoch = 6", "train.epochs = 2"]
+    out = subprocess.run([sys.executable, "-m", "tests.multistep_train_run", data_dir,
+                          str(tmp_path / "w"), *bindings], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = json.loads(out.stdout.strip().splitlines()[-1])
+    summary, meter = run["summary"], run["throughput"]
+    assert run["calls"] == {"scan": 2, "single": 4}  # per epoch: 4 + 2 steps
+    assert summary["epochs_run"] == 2 and not summary["terminated_on_nan"]
+    assert list(summary["optimizer_iterations"].values()) == [12]
+    assert meter["steps"] == 12
+    assert summary["images_per_s"] == pytest.approx(12 * 8 / meter["seconds"], abs=0.01)
+    assert np.isfinite(summary["final_metrics"]["loss"])
