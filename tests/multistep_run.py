@@ -1,14 +1,14 @@
 """JAX-backend child of test_multistep.py: one tiny fit per steps_per_execution.
 
-argv[1]: comma-separated steps_per_epoch values (0: one pass over the data). Prints a
-JSON line: {steps: {run: {"weights": [...], "logs": {final epoch logs}, "calls": {"scan":
-n, "single": n}}}}, runs k = 1, k = 4 and (one device) k = 4 with device_prefetch;
+Prints a JSON line: {"one_device" | "data_parallel" (run with 2 host devices): {steps per
+epoch (0: one pass over the data): {run: {"weights": [...], "logs": {final epoch logs},
+"calls": {"scan": n, "single": n}}}}}, runs being k = 1, k = 4 and k = 4 with
+device_prefetch (one device, 6 steps: its own test covers the rest);
 the calls of multistep's jitted functions are counted by wrapping `multistep._compile`.
 """
 
 import collections
 import json
-import sys
 
 import keras
 import numpy as np
@@ -57,14 +57,16 @@ def _fit(k: int, steps_per_epoch, depth: int = 0) -> dict:
             "calls": {name: calls[name] for name in ("scan", "single")}}
 
 
-def _runs(steps_per_epoch) -> dict:
+def _runs(steps_per_epoch, with_prefetch: bool) -> dict:
     runs = {"1": _fit(1, steps_per_epoch), "4": _fit(4, steps_per_epoch)}
-    if keras.distribution.distribution() is None:  # prefetch's own test covers the other
+    if with_prefetch:
         runs["4_prefetch"] = _fit(4, steps_per_epoch, depth=2)
     return runs
 
 
 if __name__ == "__main__":
-    if len(keras.distribution.list_devices()) > 1:  # the state's shardings come from fit
-        keras.distribution.set_distribution(keras.distribution.DataParallel())
-    print(json.dumps({s: _runs(int(s) or None) for s in sys.argv[1].split(",")}))
+    # Several host devices (XLA_FLAGS): Keras uses the first until a distribution is set.
+    out = {"one_device": {s: _runs(int(s) or None, s == "6") for s in ("8", "6", "0")}}
+    keras.distribution.set_distribution(keras.distribution.DataParallel())
+    out["data_parallel"] = {"6": _runs(6, False)}  # the state's shardings come from fit
+    print(json.dumps(out))
