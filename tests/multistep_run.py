@@ -1,10 +1,11 @@
 """JAX-backend child of test_multistep.py: one tiny fit per steps_per_execution.
 
-Prints a JSON line: {"one_device" | "data_parallel" (run with 2 host devices): {steps per
-epoch (0: one pass over the data): {run: {"weights": [...], "logs": {final epoch logs},
-"calls": {"scan": n, "single": n}}}}}, runs being k = 1, k = 4 and k = 4 with
-device_prefetch (one device, 6 steps: its own test covers the rest);
-the calls of multistep's jitted functions are counted by wrapping `multistep._compile`.
+Prints a JSON line: {"one_device" | "data_parallel" (run with 2 host devices): {steps
+per epoch (0: one pass over the data): {run: {"weights": [...], "logs": {final epoch
+logs}, "batch_logs": [each epoch's last batch-end logs], "calls": {"scan": n, "single":
+n}}}}}, runs being k = 1, k = 4 and k = 4 with device_prefetch (one device, 6 steps: its
+own test covers the rest); the calls of multistep's jitted functions are counted by
+wrapping `multistep._compile`.
 """
 
 import collections
@@ -34,6 +35,20 @@ def _counting(fn, out_shardings):
 multistep._compile = _counting
 
 
+class _LastBatchLogs(keras.callbacks.Callback):
+    """The logs of each epoch's last on_train_batch_end (its last step's, for any k)."""
+
+    def __init__(self):
+        super().__init__()
+        self.per_epoch, self._last = [], None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._last = {name: float(value) for name, value in logs.items()}
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.per_epoch.append(self._last)
+
+
 def _fit(k: int, steps_per_epoch, depth: int = 0) -> dict:
     keras.utils.set_random_seed(0)
     x = np.arange(7 * 4 * 3, dtype="float32").reshape(7 * 4, 3) / 50.0
@@ -49,11 +64,14 @@ def _fit(k: int, steps_per_epoch, depth: int = 0) -> dict:
     calls.clear()
     with multistep.steps_per_execution(model, steps_per_epoch), \
             prefetch.device_prefetch(model, depth):
-        history = model.fit(ds, epochs=3, steps_per_epoch=steps_per_epoch, verbose=0)
+        batch_logs = _LastBatchLogs()
+        history = model.fit(ds, epochs=3, steps_per_epoch=steps_per_epoch, verbose=0,
+                            callbacks=[batch_logs])
     assert not isinstance(model.train_function, multistep._MultiStep)  # restored
     assert "make_train_function" not in vars(model)
     return {"weights": [w.tolist() for w in model.get_weights()],
             "logs": {name: values[-1] for name, values in history.history.items()},
+            "batch_logs": batch_logs.per_epoch,
             "calls": {name: calls[name] for name in ("scan", "single")}}
 
 

@@ -43,6 +43,11 @@ def _assert_same_training(one: dict, other: dict) -> None:
     assert other["logs"].keys() == one["logs"].keys() == {"loss", "mae"}
     for name, value in one["logs"].items():
         np.testing.assert_allclose(other["logs"][name], value, rtol=1e-5)
+    # what batch callbacks (TerminateOnNaN) see: the epoch's last step's logs
+    assert len(other["batch_logs"]) == len(one["batch_logs"]) == 3
+    for logs1, logs4 in zip(one["batch_logs"], other["batch_logs"], strict=True):
+        assert logs4.keys() == logs1.keys() == {"loss", "mae"}
+        np.testing.assert_allclose([logs4[n] for n in logs1], list(logs1.values()), rtol=1e-5)
 
 
 @pytest.mark.parametrize("where", ["one_device", "data_parallel"])
