@@ -107,3 +107,35 @@ def test_train_runs_four_steps_per_call_fed_by_device_prefetch(tmp_path):
     assert meter["steps"] == 12
     assert summary["images_per_s"] == pytest.approx(12 * 8 / meter["seconds"], abs=0.01)
     assert np.isfinite(summary["final_metrics"]["loss"])
+
+
+def test_tensorflow_train_refuses_a_count_not_dividing_the_epoch_before_the_workdir(tmp_path):
+    import gin
+
+    from tests.test_train import DEBUG_GIN, write_shards
+    from training import experiment
+
+    data_dir = write_shards(str(tmp_path / "data"))
+    gin.clear_config()
+    gin.parse_config_files_and_bindings(
+        [DEBUG_GIN], [f"train.data_dir = '{data_dir}'", "train.steps_per_epoch = 6",
+                      "train.steps_per_execution = 4"])
+    with pytest.raises(experiment.ConfigError, match="does not divide the 6 steps"):
+        experiment.train(str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+    gin.clear_config()
+
+
+def test_steps_per_execution_is_not_part_of_the_resume_plan(tmp_path):
+    import gin
+
+    from training import experiment
+
+    (tmp_path / "config.gin").write_text("train.data_dir = 'd'\ntrain.steps_per_execution = 1\n")
+    gin.clear_config()
+    gin.parse_config(["train.data_dir = 'd'", "train.steps_per_execution = 8"])
+    assert experiment._check_resume_plan(str(tmp_path), "d", allow_changes=False) == {}
+    gin.parse_config(["train.epochs = 3"])  # a change that is part of it
+    assert experiment._check_resume_plan(str(tmp_path), "d", allow_changes=True) == {
+        "train.epochs": (20, 3)}
+    gin.clear_config()
