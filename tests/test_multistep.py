@@ -88,25 +88,34 @@ def test_check_refuses_a_count_below_one_and_on_tensorflow_one_not_dividing_the_
 
 def test_train_runs_four_steps_per_call_fed_by_device_prefetch(tmp_path):
     """experiment.train on JAX, jit-compiled, steps_per_execution 4 and device_prefetch 2,
-    2 epochs of 6 steps (a scan, then 2 single steps): it completes, every step trained
-    once, and the summary's images/s counts every step of each execution."""
+    2 epochs of 6 steps (a scan, then 2 single steps), on the GPU's path (augmenting
+    inside the step: its random state is carried through the scan), two LR groups and
+    EMA: it completes, every step trained once in every group, the summary's images/s
+    counts every step of each execution, and it trains what steps_per_execution 1 does."""
     from tests.test_train import write_shards
 
     data_dir = write_shards(str(tmp_path / "data"))
-    bindings = ["train.jit_compile = True", "train.steps_per_execution = 4",
-                "train.device_prefetch = 2", "train.steps_per_epoch = 6", "train.epochs = 2"]
+    bindings = ["train.jit_compile = True", "train.device_prefetch = 2",
+                "train.steps_per_epoch = 6", "train.epochs = 2", "train.augment_on = 'device'",
+                "train.backbone_lr_factor = 0.1", "train.use_ema = True",
+                "train.deterministic = True"]
     out = subprocess.run([sys.executable, "-m", "tests.multistep_train_run", data_dir,
                           str(tmp_path / "w"), *bindings], cwd=REPO, env=_jax_env(),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    run = json.loads(out.stdout.strip().splitlines()[-1])
-    summary, meter = run["summary"], run["throughput"]
-    assert run["calls"] == {"scan": 2, "single": 4}  # per epoch: 4 + 2 steps
+    runs = json.loads(out.stdout.strip().splitlines()[-1])
+    summary, meter = runs["4"]["summary"], runs["4"]["throughput"]
+    assert runs["4"]["calls"] == {"scan": 2, "single": 4}  # per epoch: 4 + 2 steps
+    assert runs["1"]["calls"] == {"scan": 0, "single": 0}
     assert summary["epochs_run"] == 2 and not summary["terminated_on_nan"]
-    assert list(summary["optimizer_iterations"].values()) == [12]
-    assert meter["steps"] == 12
+    assert summary["augment_on"] == "device"
+    assert summary["optimizer_iterations"] == {"backbone": 12, "head": 12}
+    assert meter["steps"] == runs["1"]["throughput"]["steps"] == 12
     assert summary["images_per_s"] == pytest.approx(12 * 8 / meter["seconds"], abs=0.01)
-    assert np.isfinite(summary["final_metrics"]["loss"])
+    want = runs["1"]["summary"]["final_metrics"]
+    assert summary["final_metrics"].keys() == want.keys() and "val_loss" in want
+    for name, value in want.items():
+        assert summary["final_metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
 
 
 def test_tensorflow_train_refuses_a_count_not_dividing_the_epoch_before_the_workdir(tmp_path):
