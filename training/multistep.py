@@ -37,7 +37,6 @@ def _scan(train_step):
     import jax
     import jax.numpy as jnp
 
-
     def body(state, data):
         logs, state = train_step(state, data)
         return state, logs
