@@ -1,24 +1,35 @@
-"""JAX-backend child of test_multistep.py: one tiny fit per steps_per_execution.
+"""JAX-backend child of test_multistep.py, run with 2 host devices (XLA_FLAGS).
 
-Prints a JSON line: {"one_device" | "data_parallel" (run with 2 host devices): {steps
-per epoch (0: one pass over the data): {run: {"weights": [...], "logs": {final epoch
-logs}, "batch_logs": [each epoch's last batch-end logs], "calls": {"scan": n, "single":
-n}}}}}, runs being k = 1, k = 4 and k = 4 with device_prefetch (one device, 6 steps: its
-own test covers the rest); the calls of multistep's jitted functions are counted by
-wrapping `multistep._compile`.
+argv: a prepared data dir, a folder for workdirs, then gin bindings. Prints a JSON line:
+- "train": {k: {"summary": the training summary, "throughput": {"steps", "seconds"} of
+  train's Throughput callback, "calls"}} for experiment.train with the bindings and
+  train.steps_per_execution k = "4" and "1" (distribution "auto": both devices);
+- "one_device" | "data_parallel": {steps per epoch (0: one pass over the data): {run:
+  {"weights": [...], "logs": {final epoch logs}, "batch_logs": [each epoch's last
+  batch-end logs], "calls"}}} for a tiny fit, runs being k = 1, k = 4 and k = 4 with
+  device_prefetch (one device, 6 steps: prefetch's own test covers the rest); 6 steps per
+  epoch and one pass on one device, 8 under DataParallel.
+"calls": {"scan": n, "single": n}, the dispatches of multistep's jitted functions,
+counted by wrapping `multistep._compile` from here (and Throughput by wrapping
+`cb.Throughput`).
 """
 
 import collections
 import json
+import os
+import sys
 
+import gin
 import keras
 import numpy as np
 import tensorflow as tf
 
-from training import multistep, prefetch
+from training import callbacks as cb
+from training import experiment, multistep, prefetch
 
-calls = collections.Counter()
-_compile = multistep._compile
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+calls, meters = collections.Counter(), []
+_compile, _throughput = multistep._compile, cb.Throughput
 
 
 def _counting(fn, out_shardings):
@@ -32,7 +43,12 @@ def _counting(fn, out_shardings):
     return call
 
 
-multistep._compile = _counting
+def _kept_throughput(*args, **kwargs):
+    meters.append(_throughput(*args, **kwargs))
+    return meters[-1]
+
+
+multistep._compile, cb.Throughput = _counting, _kept_throughput
 
 
 class _LastBatchLogs(keras.callbacks.Callback):
@@ -75,6 +91,18 @@ def _fit(k: int, steps_per_epoch, depth: int = 0) -> dict:
             "calls": {name: calls[name] for name in ("scan", "single")}}
 
 
+def _train(data_dir: str, workdir: str, bindings: list) -> dict:
+    calls.clear()
+    meters.clear()
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([os.path.join(REPO, "configs", "debug.gin")],
+                                        [f"train.data_dir = '{data_dir}'", *bindings])
+    summary = experiment.train(workdir)
+    return {"summary": summary,
+            "throughput": {"steps": meters[0].steps, "seconds": meters[0].seconds},
+            "calls": {name: calls[name] for name in ("scan", "single")}}
+
+
 def _runs(steps_per_epoch, with_prefetch: bool) -> dict:
     runs = {"1": _fit(1, steps_per_epoch), "4": _fit(4, steps_per_epoch)}
     if with_prefetch:
@@ -83,8 +111,12 @@ def _runs(steps_per_epoch, with_prefetch: bool) -> dict:
 
 
 if __name__ == "__main__":
-    # Several host devices (XLA_FLAGS): Keras uses the first until a distribution is set.
-    out = {"one_device": {s: _runs(int(s) or None, s == "6") for s in ("8", "6", "0")}}
+    data_dir, workdir, *bindings = sys.argv[1:]
+    out = {"train": {k: _train(data_dir, os.path.join(workdir, k),
+                               [*bindings, f"train.steps_per_execution = {k}"])
+                     for k in ("4", "1")}}
+    # Keras uses the first device until a distribution is set.
+    out["one_device"] = {s: _runs(int(s) or None, s == "6") for s in ("6", "0")}
     keras.distribution.set_distribution(keras.distribution.DataParallel())
-    out["data_parallel"] = {"6": _runs(6, False)}  # the state's shardings come from fit
+    out["data_parallel"] = {"8": _runs(8, False)}  # the state's shardings come from fit
     print(json.dumps(out))

@@ -27,10 +27,24 @@ def _jax_env(devices: int = 1) -> dict:
             "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 
 
+# experiment.train on the GPU's path (augmenting inside the step: its random state is
+# carried through the scan), two LR groups and EMA, device_prefetch feeding the steps;
+# 2 epochs of 6 steps. With 2 devices, "auto" is DataParallel over both.
+_TRAIN = ["train.jit_compile = True", "train.device_prefetch = 2", "train.steps_per_epoch = 6",
+          "train.epochs = 2", "train.augment_on = 'device'", "train.backbone_lr_factor = 0.1",
+          "train.use_ema = True", "train.deterministic = True"]
+
+
 @pytest.fixture(scope="module")
-def runs() -> dict:
-    out = subprocess.run([sys.executable, "-m", "tests.multistep_run"], cwd=REPO,
-                         env=_jax_env(devices=2), capture_output=True, text=True, timeout=300)
+def runs(tmp_path_factory) -> dict:
+    """One JAX child (tests/multistep_run.py) for every test here: one start, not three."""
+    from tests.test_train import write_shards
+
+    folder = tmp_path_factory.mktemp("multistep")
+    data_dir = write_shards(str(folder / "data"))
+    out = subprocess.run([sys.executable, "-m", "tests.multistep_run", data_dir,
+                          str(folder / "w"), *_TRAIN], cwd=REPO, env=_jax_env(devices=2),
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -54,10 +68,11 @@ def _assert_same_training(one: dict, other: dict) -> None:
 def test_four_steps_per_call_train_what_one_step_per_call_trains(runs, where):
     """3 epochs with steps_per_execution 4 vs 1: same weights (BatchNorm's moving
     statistics, Adam's slots carried through the scan) and final logs, whether 4 divides
-    the epoch or not or the data ends mid-execution; with device_prefetch feeding it;
+    the epoch (8 steps, under DataParallel) or not (6) or the data ends mid-execution
+    (one pass over 7 batches); with device_prefetch feeding it;
     under DataParallel over 2 devices, whose state shardings fit decides. The scan is
     really used: the dispatches per epoch are counted."""
-    assert set(runs[where]) == ({"8", "6", "0"} if where == "one_device" else {"6"})
+    assert set(runs[where]) == ({"6", "0"} if where == "one_device" else {"8"})
     for s, by_k in runs[where].items():
         assert by_k["1"]["calls"] == {"scan": 0, "single": 0}  # k = 1: Keras' step
         assert not np.allclose(np.array(by_k["1"]["weights"][0]), 0)
@@ -86,29 +101,17 @@ def test_check_refuses_a_count_below_one_and_on_tensorflow_one_not_dividing_the_
         multistep.check(4, 6)  # tests run on the TF backend
 
 
-def test_train_runs_four_steps_per_call_fed_by_device_prefetch(tmp_path):
-    """experiment.train on JAX, jit-compiled, steps_per_execution 4 and device_prefetch 2,
-    2 epochs of 6 steps (a scan, then 2 single steps), on the GPU's path (augmenting
-    inside the step: its random state is carried through the scan), two LR groups and
-    EMA: it completes, every step trained once in every group, the summary's images/s
-    counts every step of each execution, and it trains what steps_per_execution 1 does."""
-    from tests.test_train import write_shards
-
-    data_dir = write_shards(str(tmp_path / "data"))
-    bindings = ["train.jit_compile = True", "train.device_prefetch = 2",
-                "train.steps_per_epoch = 6", "train.epochs = 2", "train.augment_on = 'device'",
-                "train.backbone_lr_factor = 0.1", "train.use_ema = True",
-                "train.deterministic = True"]
-    out = subprocess.run([sys.executable, "-m", "tests.multistep_train_run", data_dir,
-                          str(tmp_path / "w"), *bindings], cwd=REPO, env=_jax_env(),
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    runs = json.loads(out.stdout.strip().splitlines()[-1])
+def test_train_runs_four_steps_per_call_fed_by_device_prefetch(runs):
+    """experiment.train on JAX (_TRAIN), steps_per_execution 4: each epoch a scan, then 2
+    single steps; it completes, every step trained once in every group, the summary's
+    images/s counts every step of each execution, and it trains what
+    steps_per_execution 1 trains."""
+    runs = runs["train"]
     summary, meter = runs["4"]["summary"], runs["4"]["throughput"]
     assert runs["4"]["calls"] == {"scan": 2, "single": 4}  # per epoch: 4 + 2 steps
     assert runs["1"]["calls"] == {"scan": 0, "single": 0}
     assert summary["epochs_run"] == 2 and not summary["terminated_on_nan"]
-    assert summary["augment_on"] == "device"
+    assert summary["augment_on"] == "device" and summary["replicas"] == 2
     assert summary["optimizer_iterations"] == {"backbone": 12, "head": 12}
     assert meter["steps"] == runs["1"]["throughput"]["steps"] == 12
     assert summary["images_per_s"] == pytest.approx(12 * 8 / meter["seconds"], abs=0.01)
