@@ -94,8 +94,8 @@ flags.DEFINE_integer("num_images", 800, "Synthetic images (70 % train).")
 flags.DEFINE_integer("prepare_size", 256, "Side length of the prepared images.")
 flags.DEFINE_string("work_dir", "/tmp/fundusflow_e2e", "Data, workdirs, caches.")
 flags.DEFINE_list("parts", ["input", "step", "train", "repeat", "ablation"],
-                  "What to run: input, step, train, train_host, train_noprefetch, repeat, "
-                  "ablation.")
+                  "What to run: input, step, train, train_host, train_noprefetch, train_spe, "
+                  "repeat, ablation.")
 flags.DEFINE_list("ablation", ["fixed_nometrics", "fixed", "fixed_uint8", "fixed_sync",
                                "pipeline"], "Ablation variants (see _ABLATIONS).")
 flags.DEFINE_list("input_variants", ["default"],
@@ -224,7 +224,8 @@ def _epoch_recorder(base):
 
         def on_train_batch_begin(self, batch, logs=None):
             super().on_train_batch_begin(batch, logs)
-            if batch == FLAGS.skip_steps and self._t is not None:
+            # >=: with steps_per_execution k, Keras calls this at steps 0, k, 2k, ...
+            if self._mark is None and batch >= FLAGS.skip_steps and self._t is not None:
                 _sync_state(self.model)
                 self._mark = (batch, time.perf_counter())
 
@@ -523,6 +524,11 @@ def _report(r: dict) -> None:
                  nopf.get("gpu_busy")))
     rows.append(("train.py without device prefetch, sustained",
                  nopf.get("sustained_images_per_s"), None))
+    spe = r.get("train_spe", {})
+    rows.append(("train.py, 8 steps per dispatch (steps_per_execution), steady state",
+                 spe.get("images_per_s"), spe.get("gpu_busy")))
+    rows.append(("train.py, 8 steps per dispatch (steps_per_execution), sustained",
+                 spe.get("sustained_images_per_s"), None))
     host = r.get("train_host", {})
     rows.append(("train.py augmenting on the host CPUs, steady state",
                  host.get("images_per_s"), host.get("gpu_busy")))
@@ -565,6 +571,9 @@ def main(_):
         elif part == "train_noprefetch":  # batches read on the training thread (Keras')
             results[part] = _child("train", "--run_name=noprefetch",
                                    "--train_bindings=train.device_prefetch = 0")
+        elif part == "train_spe":  # 8 steps per dispatch, one scanned call (multistep.py)
+            results[part] = _child("train", "--run_name=spe",
+                                   "--train_bindings=train.steps_per_execution = 8")
         else:
             results[part] = _child(part)
     _report(results)

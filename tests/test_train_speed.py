@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import types
 
 import keras
 import numpy as np
@@ -74,6 +75,19 @@ def test_throughput_counts_steps_as_they_start():
     meter.on_epoch_end(0)  # validation already stopped the clock: not counted twice
     assert meter.steps == 3 and meter.seconds > 0
     assert meter.images_per_second == pytest.approx(24 / meter.seconds)
+
+
+def test_throughput_counts_every_step_of_an_execution_and_a_short_last_one():
+    """steps_per_execution 4, 6 steps per epoch: Keras calls the hook at steps 0 and 4;
+    the second execution runs 2 steps (multistep.py ends it at the epoch's end)."""
+    meter = cb.Throughput(images_per_step=8)
+    meter.set_model(types.SimpleNamespace(steps_per_execution=4))
+    meter.set_params({"steps": 6, "epochs": 1})
+    meter.on_epoch_begin(0)
+    for step in (0, 4):
+        meter.on_train_batch_begin(step)
+    meter.on_epoch_end(0)
+    assert meter.steps == 6
 
 
 def test_compilation_cache_is_off_outside_jax_or_when_empty(tmp_path):

@@ -346,7 +346,9 @@ class Throughput(keras.callbacks.Callback):
 
     Steps are counted as they start (`on_train_batch_begin` gets no logs, so it never
     waits for the device); the clock stops when validation starts, after Keras has
-    synced the training state.
+    synced the training state. With `steps_per_execution` k, Keras calls the hook once
+    per k steps, with the first step's index: the epoch has then begun steps up to
+    index + k, or to its end (`params["steps"]`: the last execution may be shorter).
     """
 
     def __init__(self, images_per_step: int):
@@ -366,7 +368,9 @@ class Throughput(keras.callbacks.Callback):
         self._epoch_steps = 0
 
     def on_train_batch_begin(self, batch, logs=None):
-        self._epoch_steps += 1
+        begun = batch + getattr(self.model, "steps_per_execution", 1)
+        steps = (self.params or {}).get("steps")
+        self._epoch_steps = min(begun, steps) if steps else begun
 
     def on_test_begin(self, logs=None):
         if self._t0 is None:

@@ -43,7 +43,7 @@ from input_pipeline import augment, integrity, pipeline  # noqa: F401  (augment:
 from input_pipeline import inspect as inspect_lib
 from input_pipeline import modality as modality_lib
 from models import backbones, decision, heads, losses, metrics  # noqa: F401  (backbones: gin configurables)
-from training import augmenting, optimizers, prefetch
+from training import augmenting, multistep, optimizers, prefetch
 from training import callbacks as cb
 from training import config as config_lib
 from training import distribution as distribution_lib
@@ -87,7 +87,7 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
           threshold_min_recall: float = 0.3, threshold_max: float = 0.7,
           distribution: str = "auto", lr_scaling: str = "none",
           augment_on: str = "auto", device_prefetch: int | None = None,
-          verbose: int = 2) -> dict:
+          steps_per_execution: int = 1, verbose: int = 2) -> dict:
     """Trains a model on a prepared data dir; returns the training summary dict.
 
     Args:
@@ -147,6 +147,11 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
             thread of their own (JAX; training/prefetch.py); None: 2 on one JAX
             accelerator without a distribution, 0 (off) otherwise. Not part of the
             plan: batches and order are the same.
+        steps_per_execution: training steps per dispatch (>= 1). JAX: k steps in one
+            compiled call, a scan of the step (training/multistep.py), the epoch's
+            last call ending at its end; TensorFlow: Keras' own loop, so k must divide
+            the steps per epoch. Callbacks see one batch per call (Throughput counts
+            its k steps). Not part of the plan: the same steps, float noise only.
     """
     t_start = time.time()
     with _as_config_errors():  # first: multi_worker on JAX must start before any JAX op
@@ -186,6 +191,7 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
                 train_ds, val_ds, steps = _build_datasets(
                     data_dir, info, task, image_size, batch_size, seed, deterministic,
                     steps_per_epoch, plan, augment_on, augment_config)
+                multistep.check(steps_per_execution, steps)
                 learning_rate = distribution_lib.scaled_learning_rate(learning_rate,
                                                                       lr_scaling, plan)
                 net = _build_model(model, task, info["num_classes"], image_size, weights,
@@ -205,7 +211,8 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
                 stages = plan_stages(epochs, freeze_backbone_epochs, finetune_lr_factor)
                 _compile_stage(net, stages[0], task, info, head, loss_fn, steps,
                                warmup_epochs, jit_compile, opt_kw,
-                               weighted_metrics=plan.num_replicas > 1)
+                               weighted_metrics=plan.num_replicas > 1,
+                               steps_per_execution=steps_per_execution)
             first = _first_batches(train_ds, max(1, bn_recalibration_batches))
             if plan.is_chief:
                 resumed, keep_operative = _create_workdir(workdir, data_dir, resume, changes)
@@ -232,7 +239,8 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
             for stage in stages:
                 if stage.index > 0:  # stage 0 was compiled above, before the workdir existed
                     _compile_stage(net, stage, task, info, head, loss_fn, steps, warmup_epochs,
-                                   jit_compile, opt_kw, weighted_metrics=plan.num_replicas > 1)
+                                   jit_compile, opt_kw, weighted_metrics=plan.num_replicas > 1,
+                                   steps_per_execution=steps_per_execution)
                     # Each fit starts its training stream anew: a stream of its own.
                     fit_data["x"] = plan.distribute(_build_datasets(
                         data_dir, info, task, image_size, batch_size, seed + stage.index,
@@ -246,7 +254,9 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
                     backbone_lr_factor, not keep_operative,
                     backup_from=None if plan.is_chief else workdir)
                 net._initial_epoch = None  # else a previous stage's BackupAndRestore epoch wins
-                with prefetch.device_prefetch(net, prefetch.resolve(device_prefetch)):
+                # multistep first: prefetch's thread then feeds its k-step calls
+                with multistep.steps_per_execution(net, steps), \
+                        prefetch.device_prefetch(net, prefetch.resolve(device_prefetch)):
                     net.fit(**fit_data, epochs=stage.end, initial_epoch=stage.start,
                             callbacks=stage_cbs, **fit_kw)
                 if nan_guard.triggered:
@@ -413,7 +423,7 @@ def plan_stages(epochs: int, freeze_backbone_epochs: int, finetune_lr_factor: fl
 
 
 def _compile_stage(net, stage, task, info, head, loss_fn, steps, warmup_epochs, jit_compile,
-                   opt_kw, weighted_metrics: bool = False) -> None:
+                   opt_kw, weighted_metrics: bool = False, steps_per_execution: int = 1) -> None:
     """Sets the backbone's trainable flag and compiles with a fresh optimizer.
 
     weighted_metrics: metrics count sample weights (the weight-0 padding of validation
@@ -433,7 +443,8 @@ def _compile_stage(net, stage, task, info, head, loss_fn, steps, warmup_epochs, 
     run_metrics = metrics.get_metrics(task, info["num_classes"], head)
     net.compile(optimizer=opt, loss=loss_fn, jit_compile=jit_compile,
                 metrics=None if weighted_metrics else run_metrics,
-                weighted_metrics=run_metrics if weighted_metrics else None)
+                weighted_metrics=run_metrics if weighted_metrics else None,
+                steps_per_execution=steps_per_execution)
     logging.info("Stage %d: epochs %d-%d, backbone %s, %d trainable tensors, groups %s",
                  stage.index, stage.start + 1, stage.end,
                  "trained" if stage.train_backbone else "frozen",
@@ -499,7 +510,7 @@ class PlanChangedError(ValueError):
 
 # Bindings that change nothing trained (logging only).
 _NOT_PLAN = ("train.verbose", "train.tensorboard", "train.distribution",
-             "train.device_prefetch")
+             "train.device_prefetch", "train.steps_per_execution")
 
 
 def _check_resume_plan(workdir: str, data_dir: str, allow_changes: bool) -> dict:

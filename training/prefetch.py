@@ -111,6 +111,7 @@ def device_prefetch(model: keras.Model, depth: int):
         yield
         return
     make, ahead, inner = model.make_train_function, [], []
+    saved = vars(model).get("make_train_function")  # another wrapper's (multistep.py)
 
     def train_function(state, iterator):
         if not ahead or ahead[-1].source is not iterator:  # fit's first step, or a new
@@ -131,6 +132,9 @@ def device_prefetch(model: keras.Model, depth: int):
     finally:
         for a in ahead:
             a.close()
-        del model.make_train_function
+        if saved is None:
+            del model.make_train_function
+        else:
+            model.make_train_function = saved
         if model.train_function is train_function:
             model.train_function = inner[-1]
