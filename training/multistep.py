@@ -21,6 +21,8 @@ import contextlib
 
 import keras
 
+from training import train_function as train_function_lib
+
 # jax is imported where used: this module is imported on every backend (`check`) and
 # jax is an optional dependency.
 
@@ -129,8 +131,7 @@ def steps_per_execution(model: keras.Model, steps_per_epoch: int | None = None):
     """Within the block, `model.fit` (JAX, jit-compiled) runs the compiled model's
     `steps_per_execution` steps per dispatch as one scanned call.
 
-    Wraps the train function fit makes (after it has built the optimizer and metrics,
-    whose variables decide the state's shardings under a distribution), as
+    Wraps the train function fit makes (train_function.py), as
     `prefetch.device_prefetch` does; enter this one first when both are used, so that
     prefetch's thread feeds it. k = 1, eager or non-jitted models, other backends:
     nothing changes.
@@ -138,24 +139,11 @@ def steps_per_execution(model: keras.Model, steps_per_epoch: int | None = None):
     if keras.backend.backend() != "jax":
         yield
         return
-    saved, keras_made = vars(model).get("make_train_function"), []
-    make = model.make_train_function
 
-    def make_train_function(force=False):
-        fresh = force or model.train_function is None
-        make(force=force)
-        if fresh and _applies(model):
-            keras_made.append(model.train_function)
-            model.train_function = _MultiStep(model, model.steps_per_execution,
-                                              steps_per_epoch)
+    def multistep(step):
+        if not _applies(model):
+            return step
+        return _MultiStep(model, model.steps_per_execution, steps_per_epoch)
 
-    model.make_train_function = make_train_function
-    try:
+    with train_function_lib.replaced(model, multistep):
         yield
-    finally:
-        if saved is None:
-            del model.make_train_function
-        else:
-            model.make_train_function = saved
-        if keras_made and isinstance(model.train_function, _MultiStep):
-            model.train_function = keras_made[-1]

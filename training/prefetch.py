@@ -20,6 +20,8 @@ import threading
 
 import keras
 
+from training import train_function as train_function_lib
+
 _END = object()
 
 
@@ -103,38 +105,27 @@ def resolve(depth: int | None) -> int:
 def device_prefetch(model: keras.Model, depth: int):
     """Within the block, `model.fit` (JAX) reads its batches `depth` ahead.
 
-    Wraps the train function fit makes (after it has built the optimizer and metrics,
-    whose variables decide the state's shardings under a distribution); the thread and
-    the wrapper go when the block exits. depth 0, other backends: nothing changes.
+    Wraps the train function fit makes (train_function.py); the thread and the wrapper
+    go when the block exits. depth 0, other backends: nothing changes.
     """
     if depth <= 0 or keras.backend.backend() != "jax":
         yield
         return
-    make, ahead, inner = model.make_train_function, [], []
-    saved = vars(model).get("make_train_function")  # another wrapper's (multistep.py)
+    ahead = []
 
-    def train_function(state, iterator):
-        if not ahead or ahead[-1].source is not iterator:  # fit's first step, or a new
-            if ahead:                                      # epoch iterator from Keras
-                ahead.pop().close()
-            ahead.append(_Ahead(iterator, depth))
-        return inner[-1](state, ahead[-1])
+    def prefetching(step):
+        def train_function(state, iterator):
+            if not ahead or ahead[-1].source is not iterator:  # fit's first step, or a
+                if ahead:                                      # new epoch iterator
+                    ahead.pop().close()
+                ahead.append(_Ahead(iterator, depth))
+            return step(state, ahead[-1])
 
-    def make_train_function(force=False):
-        make(force=force)
-        if model.train_function is not train_function:  # made anew
-            inner.append(model.train_function)
-            model.train_function = train_function
+        return train_function
 
-    model.make_train_function = make_train_function
     try:
-        yield
+        with train_function_lib.replaced(model, prefetching):
+            yield
     finally:
         for a in ahead:
             a.close()
-        if saved is None:
-            del model.make_train_function
-        else:
-            model.make_train_function = saved
-        if model.train_function is train_function:
-            model.train_function = inner[-1]
