@@ -21,9 +21,8 @@ import sys
 
 import gin
 import keras
-import numpy as np
-import tensorflow as tf
 
+from tests.prefetch_run import seven_batches
 from training import callbacks as cb
 from training import experiment, multistep, prefetch
 
@@ -67,11 +66,7 @@ class _LastBatchLogs(keras.callbacks.Callback):
 
 def _fit(k: int, steps_per_epoch, depth: int = 0) -> dict:
     keras.utils.set_random_seed(0)
-    x = np.arange(7 * 4 * 3, dtype="float32").reshape(7 * 4, 3) / 50.0
-    y = (np.arange(7 * 4) % 2).astype("float32")[:, None]
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)  # 7 distinct batches
-    if steps_per_epoch:  # Keras keeps one iterator across epochs
-        ds = ds.repeat()
+    ds = seven_batches(bool(steps_per_epoch))
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
                               keras.layers.BatchNormalization(),  # non-trainable state
                               keras.layers.Activation("tanh"), keras.layers.Dense(1)])

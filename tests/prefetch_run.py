@@ -13,13 +13,18 @@ import tensorflow as tf
 from training import prefetch
 
 
-def _fit(depth: int, steps_per_epoch) -> list:
-    keras.utils.set_random_seed(0)
+def seven_batches(repeat: bool) -> tf.data.Dataset:
+    """7 distinct batches of 4 (x float32 [4, 3], y float32 [4, 1]); repeated when
+    `repeat` (fit with steps_per_epoch: Keras keeps one iterator across epochs)."""
     x = np.arange(7 * 4 * 3, dtype="float32").reshape(7 * 4, 3) / 50.0
     y = (np.arange(7 * 4) % 2).astype("float32")[:, None]
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)  # 7 distinct batches
-    if steps_per_epoch:  # Keras keeps one iterator across epochs
-        ds = ds.repeat()
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    return ds.repeat() if repeat else ds
+
+
+def _fit(depth: int, steps_per_epoch) -> list:
+    keras.utils.set_random_seed(0)
+    ds = seven_batches(bool(steps_per_epoch))
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"),
                               keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse", jit_compile=True)
