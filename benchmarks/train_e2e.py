@@ -502,6 +502,18 @@ def _step() -> dict:
     return result
 
 
+# The train part again with one binding: part -> (run name, binding, report label).
+_TRAIN_VARIANTS = {
+    # batches read on the training thread (Keras' own iterator)
+    "train_noprefetch": ("noprefetch", "train.device_prefetch = 0",
+                         "without device prefetch"),
+    # 8 steps per dispatch, one scanned call (training/multistep.py)
+    "train_spe": ("spe", "train.steps_per_execution = 8",
+                  "8 steps per dispatch (steps_per_execution)"),
+    "train_host": ("host", "train.augment_on = 'host'", "augmenting on the host CPUs"),
+}
+
+
 def _fmt(v, spec=".0f"):
     return "-" if v is None or v != v else format(v, spec)
 
@@ -519,21 +531,11 @@ def _report(r: dict) -> None:
              train.get("gpu_busy")),
             (f"train.py sustained (steps {FLAGS.skip_steps}.. of epochs 2..)",
              train.get("sustained_images_per_s"), None)]
-    nopf = r.get("train_noprefetch", {})
-    rows.append(("train.py without device prefetch, steady state", nopf.get("images_per_s"),
-                 nopf.get("gpu_busy")))
-    rows.append(("train.py without device prefetch, sustained",
-                 nopf.get("sustained_images_per_s"), None))
-    spe = r.get("train_spe", {})
-    rows.append(("train.py, 8 steps per dispatch (steps_per_execution), steady state",
-                 spe.get("images_per_s"), spe.get("gpu_busy")))
-    rows.append(("train.py, 8 steps per dispatch (steps_per_execution), sustained",
-                 spe.get("sustained_images_per_s"), None))
-    host = r.get("train_host", {})
-    rows.append(("train.py augmenting on the host CPUs, steady state",
-                 host.get("images_per_s"), host.get("gpu_busy")))
-    rows.append(("train.py augmenting on the host CPUs, sustained",
-                 host.get("sustained_images_per_s"), None))
+    for part, (_, _, label) in _TRAIN_VARIANTS.items():
+        v = r.get(part, {})
+        rows.append((f"train.py {label}, steady state", v.get("images_per_s"),
+                     v.get("gpu_busy")))
+        rows.append((f"train.py {label}, sustained", v.get("sustained_images_per_s"), None))
     repeat = r.get("repeat", {})
     rows.append(("train.py second start, sustained", repeat.get("sustained_images_per_s"),
                  repeat.get("gpu_busy")))
@@ -565,15 +567,10 @@ def main(_):
             results["step"] = _step()
         elif part == "repeat":
             results["repeat"] = _child("train", "--run_name=repeat")
-        elif part == "train_host":  # the same run augmenting on the host CPUs
-            results[part] = _child("train", "--run_name=host",
-                                   "--train_bindings=train.augment_on = 'host'")
-        elif part == "train_noprefetch":  # batches read on the training thread (Keras')
-            results[part] = _child("train", "--run_name=noprefetch",
-                                   "--train_bindings=train.device_prefetch = 0")
-        elif part == "train_spe":  # 8 steps per dispatch, one scanned call (multistep.py)
-            results[part] = _child("train", "--run_name=spe",
-                                   "--train_bindings=train.steps_per_execution = 8")
+        elif part in _TRAIN_VARIANTS:
+            run_name, binding, _ = _TRAIN_VARIANTS[part]
+            results[part] = _child("train", f"--run_name={run_name}",
+                                   f"--train_bindings={binding}")
         else:
             results[part] = _child(part)
     _report(results)
