@@ -94,7 +94,8 @@ flags.DEFINE_integer("num_images", 800, "Synthetic images (70 % train).")
 flags.DEFINE_integer("prepare_size", 256, "Side length of the prepared images.")
 flags.DEFINE_string("work_dir", "/tmp/fundusflow_e2e", "Data, workdirs, caches.")
 flags.DEFINE_list("parts", ["input", "step", "train", "repeat", "ablation"],
-                  "What to run: input, step, train, train_host, train_noprefetch, train_spe, "
+                  "What to run: input, step, train, train_host, train_noprefetch, train_spe1, "
+                  "train_spe16, "
                   "repeat, ablation.")
 flags.DEFINE_list("ablation", ["fixed_nometrics", "fixed", "fixed_uint8", "fixed_sync",
                                "pipeline"], "Ablation variants (see _ABLATIONS).")
@@ -109,8 +110,9 @@ flags.DEFINE_multi_string("train_bindings", [], "Extra gin bindings for the trai
 flags.DEFINE_string("json_out", "", "Optional path for all results as JSON.")
 flags.DEFINE_bool("cold_start", True, "Empty train.py's compilation cache before the "
                   "train part (its first start is then cold; repeat finds it warm).")
-flags.DEFINE_string("profile_dir", "", "If set: cProfile of the training thread over "
-                    "epochs 2.. of each train part, written there (.prof + top-40 .txt).")
+flags.DEFINE_string("profile_dir", "", "If set: cProfile of each train part over epochs "
+                    "2.. (NAME.prof + top-40 NAME.txt) and from its start to its second "
+                    "dispatch (NAME_start.*), written there.")
 flags.DEFINE_string("part", "", "Internal: run one measurement in this process.")
 flags.DEFINE_string("run_name", "run", "Internal: the train part's workdir name.")
 
@@ -213,10 +215,14 @@ def _epoch_recorder(base):
             super().__init__(*args, **kwargs)
             self.epoch_seconds, self.sustained, self.gpu = [], [], GpuBusy()
             self.profile = cProfile.Profile()
+            self.start_profile = None  # part_train's, until the second dispatch
             self._t = self._mark = None
 
         def on_epoch_begin(self, epoch, logs=None):
             super().on_epoch_begin(epoch, logs)
+            if self.start_profile is not None and self.epoch_seconds:  # one call an epoch
+                self.start_profile.disable()
+                self.start_profile = None
             self.gpu.set(len(self.epoch_seconds) >= 1)
             if FLAGS.profile_dir and len(self.epoch_seconds) >= 1:
                 self.profile.enable()
@@ -224,6 +230,9 @@ def _epoch_recorder(base):
 
         def on_train_batch_begin(self, batch, logs=None):
             super().on_train_batch_begin(batch, logs)
+            if batch > 0 and self.start_profile is not None:  # the first call was compiled
+                self.start_profile.disable()                # (or loaded) and dispatched
+                self.start_profile = None
             # >=: with steps_per_execution k, Keras calls this at steps 0, k, 2k, ...
             if self._mark is None and batch >= FLAGS.skip_steps and self._t is not None:
                 _sync_state(self.model)
@@ -324,12 +333,21 @@ def _time_batches(train_ds) -> dict:
 
 def part_train() -> dict:
     """train.py's main with Throughput subclassed to record per-epoch training time."""
+    start_profile = cProfile.Profile()  # imports, data, model, compile: to the 2nd dispatch
+    if FLAGS.profile_dir:
+        start_profile.enable()
     import train as train_main
     from training import callbacks as cb
 
     recorder = _epoch_recorder(cb.Throughput)
     made = []
-    cb.Throughput = lambda *a, **k: made.append(recorder(*a, **k)) or made[-1]
+
+    def throughput(*args, **kwargs):
+        made.append(recorder(*args, **kwargs))
+        made[-1].start_profile = start_profile if FLAGS.profile_dir else None
+        return made[-1]
+
+    cb.Throughput = throughput
     workdir = os.path.join(FLAGS.work_dir, "runs", f"{FLAGS.model}_{FLAGS.run_name}")
     if os.path.exists(workdir):
         import shutil
@@ -348,6 +366,7 @@ def part_train() -> dict:
     rec = made[0]
     if FLAGS.profile_dir:
         _write_profile(rec.profile, f"{FLAGS.model}_{FLAGS.run_name}")
+        _write_profile(start_profile, f"{FLAGS.model}_{FLAGS.run_name}_start")
     return {"images_per_s": _steady(rec.epoch_seconds, FLAGS.steps_per_epoch),
             "sustained_images_per_s": _mean(rec.sustained[1:]),
             "epoch_seconds": [round(s, 3) for s in rec.epoch_seconds],
@@ -464,13 +483,14 @@ def _cache_on(path: str) -> None:
 
 
 def _child(part: str, *extra: str) -> dict:
-    args = [sys.executable, "-m", "benchmarks.train_e2e", f"--part={part}", *extra,
+    args = [sys.executable, "-m", "benchmarks.train_e2e", f"--part={part}",
             *[f"--{k}={getattr(FLAGS, k)}" for k in
               ("model", "image_size", "batch_size", "precision", "steps_per_epoch", "epochs",
                "prepare_size", "work_dir", "ablation_steps", "skip_steps", "profile_dir")],
             f"--ablation={','.join(FLAGS.ablation)}",
             f"--input_variants={','.join(FLAGS.input_variants)}",
-            *[f"--train_bindings={b}" for b in FLAGS.train_bindings]]
+            *[f"--train_bindings={b}" for b in FLAGS.train_bindings],
+            *extra]  # last: a variant's binding wins over the run's (gin: the last one)
     t0 = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True)
     if FLAGS.profile_dir:  # the child's log (train.py's timestamped steps) beside its profile
@@ -507,9 +527,9 @@ _TRAIN_VARIANTS = {
     # batches read on the training thread (Keras' own iterator)
     "train_noprefetch": ("noprefetch", "train.device_prefetch = 0",
                          "without device prefetch"),
-    # 8 steps per dispatch, one scanned call (training/multistep.py)
-    "train_spe": ("spe", "train.steps_per_execution = 8",
-                  "8 steps per dispatch (steps_per_execution)"),
+    # steps per dispatch (training/multistep.py; the default is up to 8 on one GPU)
+    "train_spe1": ("spe1", "train.steps_per_execution = 1", "one step per dispatch"),
+    "train_spe16": ("spe16", "train.steps_per_execution = 16", "16 steps per dispatch"),
     "train_host": ("host", "train.augment_on = 'host'", "augmenting on the host CPUs"),
 }
 

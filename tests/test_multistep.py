@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from training import multistep
+from training import multistep, train_function
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,13 +92,21 @@ def test_stackable_needs_one_structure_shape_and_dtype():
     assert not multistep._stackable([a, (a[0], a[1], np.ones(4, "float32"))])  # + weights
 
 
-def test_check_refuses_a_count_below_one_and_on_tensorflow_one_not_dividing_the_epoch():
-    multistep.check(1, 7)
-    multistep.check(4, 8)
+def test_resolve_checks_a_given_count_and_on_tensorflow_one_not_dividing_the_epoch():
+    assert multistep.resolve(1, 7) == 1
+    assert multistep.resolve(4, 8) == 4
     with pytest.raises(ValueError, match="steps_per_execution must be >= 1"):
-        multistep.check(0, 8)
+        multistep.resolve(0, 8)
     with pytest.raises(ValueError, match="does not divide the 6 steps per epoch"):
-        multistep.check(4, 6)  # tests run on the TF backend
+        multistep.resolve(4, 6)  # tests run on the TF backend
+
+
+def test_resolve_default_is_one_off_an_accelerator_and_a_divisor_up_to_8_on_one(monkeypatch):
+    assert multistep.resolve(None, 304) == 1  # tests run on the TF backend (CPU)
+    monkeypatch.setattr(train_function, "one_jax_accelerator", lambda: True)
+    # largest divisor of the epoch <= 8: 304 = 8 * 38, 100 = 5 * 20, 12 = 6 * 2, 97 prime
+    assert [multistep.resolve(None, n) for n in (304, 100, 12, 97, 3)] == [8, 5, 6, 1, 3]
+    assert multistep.resolve(16, 304) == 16  # a given count stays
 
 
 def test_train_runs_four_steps_per_call_fed_by_device_prefetch(runs):

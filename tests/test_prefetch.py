@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from training import prefetch
+from training import prefetch, train_function
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,11 +40,15 @@ def test_close_stops_a_thread_blocked_on_a_full_queue():
     assert not ahead._thread.is_alive()
 
 
-def test_resolve_is_off_on_tensorflow_and_checks_the_depth():
+def test_resolve_is_off_on_tensorflow_and_checks_the_depth(monkeypatch):
     assert prefetch.resolve(None) == 0  # tests run on the TF backend
     assert prefetch.resolve(3) == 3
     with pytest.raises(ValueError, match="device_prefetch"):
         prefetch.resolve(-1)
+    monkeypatch.setattr(train_function, "one_jax_accelerator", lambda: True)
+    assert prefetch.resolve(None) == 2  # two executions' worth on one accelerator
+    assert prefetch.resolve(None, 8) == 16
+    assert prefetch.resolve(0, 8) == 0
 
 
 @pytest.mark.parametrize("steps_per_epoch,devices", [(5, 1), (0, 1), (5, 2)],

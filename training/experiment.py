@@ -87,7 +87,7 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
           threshold_min_recall: float = 0.3, threshold_max: float = 0.7,
           distribution: str = "auto", lr_scaling: str = "none",
           augment_on: str = "auto", device_prefetch: int | None = None,
-          steps_per_execution: int = 1, verbose: int = 2) -> dict:
+          steps_per_execution: int | None = None, verbose: int = 2) -> dict:
     """Trains a model on a prepared data dir; returns the training summary dict.
 
     Args:
@@ -144,14 +144,16 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
             draws: training/augmenting.py) or "auto" (device when Keras sees an
             accelerator and the augmentation has no host-only op).
         device_prefetch: batches moved onto the accelerator ahead of the step by a
-            thread of their own (JAX; training/prefetch.py); None: 2 on one JAX
-            accelerator without a distribution, 0 (off) otherwise. Not part of the
-            plan: batches and order are the same.
+            thread of their own (JAX; training/prefetch.py); None: two executions'
+            worth on one JAX accelerator without a distribution, 0 (off) otherwise.
+            Not part of the plan: batches and order are the same.
         steps_per_execution: training steps per dispatch (>= 1). JAX: k steps in one
             compiled call, a scan of the step (training/multistep.py), the epoch's
             last call ending at its end; TensorFlow: Keras' own loop, so k must divide
-            the steps per epoch. Callbacks see one batch per call (Throughput counts
-            its k steps). Not part of the plan: the same steps, float noise only.
+            the steps per epoch. None: on one JAX accelerator the largest divisor of
+            the steps per epoch up to 8, else 1. Callbacks see one batch per call
+            (Throughput counts its k steps). Not part of the plan: the same steps,
+            float noise only.
     """
     t_start = time.time()
     with _as_config_errors():  # first: multi_worker on JAX must start before any JAX op
@@ -191,7 +193,7 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
                 train_ds, val_ds, steps = _build_datasets(
                     data_dir, info, task, image_size, batch_size, seed, deterministic,
                     steps_per_epoch, plan, augment_on, augment_config)
-                multistep.check(steps_per_execution, steps)
+                steps_per_execution = multistep.resolve(steps_per_execution, steps)
                 learning_rate = distribution_lib.scaled_learning_rate(learning_rate,
                                                                       lr_scaling, plan)
                 net = _build_model(model, task, info["num_classes"], image_size, weights,
@@ -256,7 +258,8 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
                 net._initial_epoch = None  # else a previous stage's BackupAndRestore epoch wins
                 # multistep first: prefetch's thread then feeds its k-step calls
                 with multistep.steps_per_execution(net, steps), \
-                        prefetch.device_prefetch(net, prefetch.resolve(device_prefetch)):
+                        prefetch.device_prefetch(
+                            net, prefetch.resolve(device_prefetch, steps_per_execution)):
                     net.fit(**fit_data, epochs=stage.end, initial_epoch=stage.start,
                             callbacks=stage_cbs, **fit_kw)
                 if nan_guard.triggered:

@@ -107,9 +107,23 @@ class _MultiStep:
         return logs, state
 
 
-def check(steps_per_execution: int, steps_per_epoch: int) -> None:
-    """Raises ValueError for a count < 1, or on TensorFlow for one that does not divide
-    the epoch (Keras' compiled loop would run whole executions: more steps per epoch)."""
+AUTO_MAX = 8  # the default's most steps per dispatch (see resolve)
+
+
+def resolve(steps_per_execution: int | None, steps_per_epoch: int) -> int:
+    """The steps per dispatch to compile with: `steps_per_execution`, checked, or for
+    None on one JAX accelerator the largest divisor of `steps_per_epoch` up to
+    AUTO_MAX, else 1.
+
+    A divisor, so that no epoch ends in a shorter execution: its single steps would be
+    a second program to compile. Raises ValueError for a count < 1, or on TensorFlow
+    for one that does not divide the epoch (Keras' compiled loop would run whole
+    executions: more steps per epoch).
+    """
+    if steps_per_execution is None:
+        if not train_function_lib.one_jax_accelerator():
+            return 1
+        return max(k for k in range(1, AUTO_MAX + 1) if steps_per_epoch % k == 0)
     if steps_per_execution < 1:
         raise ValueError(f"steps_per_execution must be >= 1, got {steps_per_execution}")
     if keras.backend.backend() != "jax" and steps_per_epoch % steps_per_execution:
@@ -118,6 +132,7 @@ def check(steps_per_execution: int, steps_per_epoch: int) -> None:
             f"{steps_per_epoch} steps per epoch: on {keras.backend.backend()} Keras would "
             "run whole executions and train more steps per epoch; bind "
             "train.steps_per_epoch to a multiple of it")
+    return steps_per_execution
 
 
 def _applies(model: keras.Model) -> bool:

@@ -82,8 +82,9 @@ class _Ahead:
         self._thread.join()
 
 
-def resolve(depth: int | None) -> int:
-    """Batches to keep ahead: `depth`, or for None 2 on one JAX accelerator, else 0 (off).
+def resolve(depth: int | None, steps_per_execution: int = 1) -> int:
+    """Batches to keep ahead: `depth`, or for None two executions' worth
+    (2 * `steps_per_execution`) on one JAX accelerator, else 0 (off).
 
     Off on the TensorFlow backend (tf.data's own prefetch feeds its compiled loop), on
     JAX's CPU (host and device are the same cores: nothing to overlap) and, for now,
@@ -94,11 +95,7 @@ def resolve(depth: int | None) -> int:
         if depth < 0:
             raise ValueError(f"device_prefetch must be >= 0 or None, got {depth}")
         return depth
-    if keras.backend.backend() != "jax" or keras.distribution.distribution() is not None:
-        return 0
-    import jax
-
-    return 0 if jax.default_backend() == "cpu" else 2
+    return 2 * steps_per_execution if train_function_lib.one_jax_accelerator() else 0
 
 
 @contextlib.contextmanager

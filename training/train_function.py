@@ -38,3 +38,14 @@ def replaced(model: keras.Model, wrap: Callable):
             model.make_train_function = saved
         if made and model.train_function is made[-1][1]:
             model.train_function = made[-1][0]
+
+
+def one_jax_accelerator() -> bool:
+    """Whether `fit` runs on the JAX backend on one GPU/TPU (no `keras.distribution`):
+    where the host's per-step work (the dispatch, reading the batch) sets the pace of a
+    short step, so the defaults of prefetch.py and multistep.py turn on there."""
+    if keras.backend.backend() != "jax" or keras.distribution.distribution() is not None:
+        return False
+    import jax
+
+    return jax.default_backend() != "cpu"
