@@ -235,7 +235,7 @@ def _epoch_recorder(base):
                 self.start_profile = None
             # >=: with steps_per_execution k, Keras calls this at steps 0, k, 2k, ...
             if self._mark is None and batch >= FLAGS.skip_steps and self._t is not None:
-                _sync_state(self.model)
+                _sync_state(self._model)  # not .model: on JAX that syncs the state
                 self._mark = (batch, time.perf_counter())
 
         def _record(self):

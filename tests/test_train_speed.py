@@ -77,15 +77,24 @@ def test_throughput_counts_steps_as_they_start():
     assert meter.images_per_second == pytest.approx(24 / meter.seconds)
 
 
-def test_throughput_counts_every_step_of_an_execution_and_a_short_last_one():
+def test_throughput_counts_every_step_of_an_execution_and_a_short_last_one(monkeypatch):
     """steps_per_execution 4, 6 steps per epoch: Keras calls the hook at steps 0 and 4;
-    the second execution runs 2 steps (multistep.py ends it at the epoch's end)."""
+    the second execution runs 2 steps (multistep.py ends it at the epoch's end). On JAX
+    the batch hook never touches `Callback.model`, whose every read syncs fit's state."""
+    from keras.src import backend as keras_backend
+
+    syncs = []
+    model = types.SimpleNamespace(steps_per_execution=4, jax_state_sync=lambda: syncs.append(1))
     meter = cb.Throughput(images_per_step=8)
-    meter.set_model(types.SimpleNamespace(steps_per_execution=4))
+    meter.set_model(model)
     meter.set_params({"steps": 6, "epochs": 1})
+    monkeypatch.setattr(keras_backend, "backend", lambda: "jax")  # Callback.model's check
+    meter.on_train_begin()
     meter.on_epoch_begin(0)
+    synced_before = len(syncs)
     for step in (0, 4):
         meter.on_train_batch_begin(step)
+    assert len(syncs) == synced_before
     meter.on_epoch_end(0)
     assert meter.steps == 6
 
