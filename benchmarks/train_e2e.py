@@ -379,6 +379,8 @@ def part_train() -> dict:
 def _write_profile(profile: cProfile.Profile, name: str) -> None:
     """The training thread's profile: name.prof, and name.txt with the top 40 functions by
     own time and by cumulative time."""
+    if not profile.getstats():  # nothing recorded (a one-epoch run)
+        return
     os.makedirs(FLAGS.profile_dir, exist_ok=True)
     profile.dump_stats(os.path.join(FLAGS.profile_dir, f"{name}.prof"))
     text = io.StringIO()
