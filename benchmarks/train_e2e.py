@@ -67,6 +67,20 @@ passes the whole state, ~1,000 arrays), 6.0 ms of Layer.__setattr__ tracking
 `model._jax_state` (since skipped by `AugmentingModel`: 0.9 ms left), 5.3 ms converting
 each step's logs in Keras' callback threads (pythonify_logs, holding the GIL), ~0.5 ms
 tf.data -> numpy -> device_put (on the prefetch thread).
+
+Then several steps per dispatch became the default on one accelerator (a scan of k = 8
+steps for 304-step epochs, 16 batches prefetched). One H200 + 16 cores, `--epochs=3
+--steps_per_epoch=304 --parts=step,train,repeat` (img/s, x step; the B3 step from
+`benchmarks.train_throughput` on the same machine):
+
+| | step | train.py | second start | GPU busy | first step: cold / warm |
+| --- | --- | --- | --- | --- | --- |
+| MobileNetV3-Large 224 | 5,718 | 5,443 (0.95) | 5,723 (1.00) | 0.63 | 144.8 s / 38.5 s |
+| ConvNeXt-Tiny 224 | 3,563 | 3,451 (0.97) | 3,467 (0.97) | 0.94 | 82.7 s / 30.4 s |
+| EfficientNet-B3 300 | 2,058 | 1,771 (0.86) | 1,726 (0.84) | 0.87 | 183.2 s / 54.2 s |
+
+The B3 profile then showed `Throughput` syncing the whole state at every dispatch (its
+batch hook read `Callback.model`): ~16 ms of each 8-step execution, since fixed.
 """
 
 import cProfile

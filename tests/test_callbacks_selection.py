@@ -49,3 +49,24 @@ def test_steady_throughput_leaves_out_each_fits_first_epoch(monkeypatch):
     assert t.images_per_second == pytest.approx(16 * 8 / 22)
     assert t.steady_images_per_second == pytest.approx(8 * 8 / 4)
     assert cb.Throughput(8).steady_images_per_second is None
+
+
+def test_confusion_image_reads_the_matrix_validation_decided(tmp_path):
+    """Softmax head, 3 classes, argmax decisions. Labels 0,0,1,2,2 decided 0,1,1,2,0:
+    rows true, columns decided -> [[1,1,0],[0,1,0],[1,0,1]]; two evaluate batches add up."""
+    from models import metrics
+
+    logits = np.array([[3, 0, 0], [0, 2, 1], [0, 5, 1], [1, 0, 4], [2, 1, 0]], np.float32)
+    labels = np.array([0, 0, 1, 2, 2], np.int32)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Identity()])
+    model.compile(loss="sparse_categorical_crossentropy",
+                  metrics=metrics.get_metrics("multiclass", 3, "softmax"))
+    model.evaluate(logits, labels, batch_size=3, verbose=0)
+    expected = [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+    assert cb.compiled_confusion(model, "macro_f1").tolist() == expected
+    with pytest.raises(ValueError, match="no compiled confusion-matrix metric 'qwk'"):
+        cb.compiled_confusion(model, "qwk")
+    image = cb.ConfusionMatrixImage("macro_f1", ["a", "b", "c"], str(tmp_path))
+    image.set_model(model)
+    image.on_epoch_end(0)
+    assert list((tmp_path / "images").glob("events.out.tfevents.*"))

@@ -36,8 +36,8 @@ def test_no_callback_of_a_run_holds_the_training_thread(tmp_path):
     best = cb.BestCheckpoint(str(tmp_path / "checkpoints"), "val_qwk", "max", 5)
     stage = experiment.Stage(0, 0, 2, True, 1.0)
     callbacks = [cb.Throughput(8), cb.TerminateOnNaN(), cb.PreciseBatchNorm([])]
-    callbacks += experiment._stage_callbacks(str(tmp_path), stage, best, 3, info, None,
-                                             "coral", False, None)
+    callbacks += experiment._stage_callbacks(str(tmp_path), stage, best, 3, info, "coral",
+                                             False, None)
     names = {type(c).__name__ for c in callbacks}
     assert {"EpochTensorBoard", "SafeBackupAndRestore", "OperativeConfigWriter",
             "ConfusionMatrixImage", "ResumableEarlyStopping", "CSVLogger"} <= names

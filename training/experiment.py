@@ -250,8 +250,9 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
                 stage_cbs = run_cbs + _stage_callbacks(
                     own, stage, best,
                     early_stopping_patience if stage.end == epochs else 0,
-                    info if tensorboard else None, val_ds,
-                    # its confusion-matrix image calls the model on process 0 alone
+                    info if tensorboard else None,
+                    # its confusion-matrix image reads a metric's global array, which
+                    # one process of several cannot
                     head if plan.num_processes == 1 else None, resumed or stage.index > 0,
                     backbone_lr_factor, not keep_operative,
                     backup_from=None if plan.is_chief else workdir)
@@ -725,7 +726,7 @@ def _auto_precision() -> str:
     return "float32"
 
 
-def _stage_callbacks(workdir, stage, best, patience, tb_info, val_ds, head, append,
+def _stage_callbacks(workdir, stage, best, patience, tb_info, head, append,
                      backbone_lr_factor, write_operative=True, backup_from=None) -> list:
     """Callbacks of one stage; order matters: state is persisted before the backup.
 
@@ -748,16 +749,9 @@ def _stage_callbacks(workdir, stage, best, patience, tb_info, val_ds, head, appe
     if tb_info:
         out.append(cb.EpochTensorBoard(tb_dir, write_graph=False, profile_batch=0))
         if tb_info["task"] != "multilabel" and head is not None:
-            decoder = _decoder(tb_info["task"], head, len(tb_info["class_names"]))
-            out.append(cb.ConfusionMatrixImage(val_ds, decoder, tb_info["class_names"],
-                                               tb_dir))
+            # macro_f1: the confusion-matrix metric every single-label task compiles
+            out.append(cb.ConfusionMatrixImage("macro_f1", tb_info["class_names"], tb_dir))
     return out
-
-
-def _decoder(task: str, head: str, num_classes: int):
-    """logits -> decisions by the untuned rule, as the training metrics decide."""
-    rule = decision.default_rule(task, num_classes)
-    return lambda logits: decision.decide(logits, head, rule)["decision"]
 
 
 def _first_batches(train_ds, n: int) -> list:
