@@ -15,7 +15,9 @@ One call measures one model and prints, side by side:
   steady-state img/s over epochs 2.. (training time only, synced on the device at
   each epoch's end), the GPU busy fraction over those epochs (NVML utilisation:
   the share of time a kernel was running), and the wall time from process start
-  to the first finished step (the mtime of operative_config.gin, written then);
+  to the first finished step (the mtime of operative_config.gin, written then),
+  with the start's milestones: imports done, fit entered, first and second call of
+  the train function (the first traces, lowers and compiles or loads the step);
 - repeat: the same `train.py` run again in a fresh workdir: the first step with
   a warm persistent compilation cache;
 - ablation: `model.fit` on the same model, loss, metrics and optimizer with one
@@ -230,7 +232,15 @@ def _epoch_recorder(base):
             self.epoch_seconds, self.sustained, self.gpu = [], [], GpuBusy()
             self.profile = cProfile.Profile()
             self.start_profile = None  # part_train's, until the second dispatch
+            self.phases = {}  # seconds since process start at the first fit's milestones
             self._t = self._mark = None
+
+        def _phase(self, name):
+            self.phases.setdefault(name, round(time.perf_counter() - _START, 2))
+
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            self._phase("fit_begins_s")  # imports, data, model, compile, workdir done
 
         def on_epoch_begin(self, epoch, logs=None):
             super().on_epoch_begin(epoch, logs)
@@ -244,6 +254,9 @@ def _epoch_recorder(base):
 
         def on_train_batch_begin(self, batch, logs=None):
             super().on_train_batch_begin(batch, logs)
+            # the first call traces, lowers and compiles (or loads) the step, then
+            # dispatches it: its cost is second_call_s - first_call_s
+            self._phase("first_call_s" if batch == 0 else "second_call_s")
             if batch > 0 and self.start_profile is not None:  # the first call was compiled
                 self.start_profile.disable()                # (or loaded) and dispatched
                 self.start_profile = None
@@ -352,6 +365,9 @@ def part_train() -> dict:
         start_profile.enable()
     import train as train_main
     from training import callbacks as cb
+    from training import experiment  # noqa: F401  (keras, TensorFlow, JAX: train's main)
+
+    imported = round(time.perf_counter() - _START, 2)
 
     recorder = _epoch_recorder(cb.Throughput)
     made = []
@@ -386,6 +402,7 @@ def part_train() -> dict:
             "epoch_seconds": [round(s, 3) for s in rec.epoch_seconds],
             "gpu_busy": rec.gpu.fraction,
             "first_step_s": first_step[0] - _START if first_step else None,
+            "start_phases": {"imports_s": imported, **rec.phases},
             "wall_s": time.perf_counter() - _START, "summary_images_per_s":
             summary["images_per_s"], "augment_on": summary.get("augment_on")}
 
@@ -581,6 +598,11 @@ def _report(r: dict) -> None:
     for name, v, busy in rows:
         ratio = v / step if v and step else None
         print(f"| {name} | {_fmt(v)} | {_fmt(ratio, '.2f')} | {_fmt(busy, '.2f')} |")
+    for part in ("train", "repeat"):  # where a start's time went, in s since process start
+        if r.get(part, {}).get("start_phases"):
+            phases = ", ".join(f"{k[:-2]} {v}" for k, v in r[part]["start_phases"].items())
+            print(f"{part} start (s since process start): {phases}, first step finished "
+                  f"{_fmt(r[part].get('first_step_s'), '.1f')}")
     print(f"first finished step: train.py {_fmt(train.get('first_step_s'), '.1f')} s, "
           f"second start {_fmt(r.get('repeat', {}).get('first_step_s'), '.1f')} s; "
           f"stateless step cold {_fmt(r.get('step', {}).get('first_step_s'), '.1f')} s")
