@@ -110,9 +110,8 @@ flags.DEFINE_integer("num_images", 800, "Synthetic images (70 % train).")
 flags.DEFINE_integer("prepare_size", 256, "Side length of the prepared images.")
 flags.DEFINE_string("work_dir", "/tmp/fundusflow_e2e", "Data, workdirs, caches.")
 flags.DEFINE_list("parts", ["input", "step", "train", "repeat", "ablation"],
-                  "What to run: input, step, train, train_host, train_noprefetch, train_spe1, "
-                  "train_spe16, "
-                  "repeat, ablation.")
+                  "What to run: input, step, train, train_host, train_noprefetch, "
+                  "train_spe1, train_spe16, repeat, ablation.")
 flags.DEFINE_list("ablation", ["fixed_nometrics", "fixed", "fixed_uint8", "fixed_sync",
                                "pipeline"], "Ablation variants (see _ABLATIONS).")
 flags.DEFINE_list("input_variants", ["default"],
@@ -238,15 +237,19 @@ def _epoch_recorder(base):
         def _phase(self, name):
             self.phases.setdefault(name, round(time.perf_counter() - _START, 2))
 
+        def _end_start_profile(self):
+            if self.start_profile is not None:
+                self.start_profile.disable()
+                self.start_profile = None
+
         def on_train_begin(self, logs=None):
             super().on_train_begin(logs)
             self._phase("fit_begins_s")  # imports, data, model, compile, workdir done
 
         def on_epoch_begin(self, epoch, logs=None):
             super().on_epoch_begin(epoch, logs)
-            if self.start_profile is not None and self.epoch_seconds:  # one call an epoch
-                self.start_profile.disable()
-                self.start_profile = None
+            if self.epoch_seconds:  # an epoch of one call: no second dispatch came
+                self._end_start_profile()
             self.gpu.set(len(self.epoch_seconds) >= 1)
             if FLAGS.profile_dir and len(self.epoch_seconds) >= 1:
                 self.profile.enable()
@@ -257,9 +260,8 @@ def _epoch_recorder(base):
             # the first call traces, lowers and compiles (or loads) the step, then
             # dispatches it: its cost is second_call_s - first_call_s
             self._phase("first_call_s" if batch == 0 else "second_call_s")
-            if batch > 0 and self.start_profile is not None:  # the first call was compiled
-                self.start_profile.disable()                # (or loaded) and dispatched
-                self.start_profile = None
+            if batch > 0:  # the first call was compiled (or loaded) and dispatched
+                self._end_start_profile()
             # >=: with steps_per_execution k, Keras calls this at steps 0, k, 2k, ...
             if self._mark is None and batch >= FLAGS.skip_steps and self._t is not None:
                 _sync_state(self._model)  # not .model: on JAX that syncs the state

@@ -23,7 +23,7 @@ import keras
 
 from training import train_function as train_function_lib
 
-# jax is imported where used: this module is imported on every backend (`check`) and
+# jax is imported where used: this module is imported on every backend (`resolve`) and
 # jax is an optional dependency.
 
 
