@@ -455,9 +455,10 @@ def part_ablation() -> dict:
     import keras
     import tensorflow as tf
 
-    from training import experiment
+    from training import compilation, experiment
 
-    _cache_on(_train_cache())  # after a train part: its compiled step is reused
+    # train.py's own cache settings: after a train part its compiled step is reused
+    compilation.enable_compilation_cache(_train_cache())
     info = experiment.load_dataset_info(_data_dir())
     task = info["task"]
     keras.mixed_precision.set_global_policy(FLAGS.precision)
@@ -504,14 +505,6 @@ def part_ablation() -> dict:
         print(name, out[name], flush=True)
     out["device"] = str(jax.devices()[0])
     return out
-
-
-def _cache_on(path: str) -> None:
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 # ----------------------------------------------------------------------------- driver
