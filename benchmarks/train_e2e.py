@@ -111,7 +111,10 @@ flags.DEFINE_integer("prepare_size", 256, "Side length of the prepared images.")
 flags.DEFINE_string("work_dir", "/tmp/fundusflow_e2e", "Data, workdirs, caches.")
 flags.DEFINE_list("parts", ["input", "step", "train", "repeat", "ablation"],
                   "What to run: input, step, train, train_host, train_noprefetch, "
-                  "train_spe1, train_spe16, repeat, ablation.")
+                  "train_spe1, train_spe16, repeat, spy, ablation. spy: one more start of "
+                  "the train part under `py-spy record --native --idle` (--spy) with "
+                  "--spy_env set; its samples, with timestamps, and its log go to "
+                  "--profile_dir (MODEL_spy.trace.json, chrome trace format).")
 flags.DEFINE_list("ablation", ["fixed_nometrics", "fixed", "fixed_uint8", "fixed_sync",
                                "pipeline"], "Ablation variants (see _ABLATIONS).")
 flags.DEFINE_list("input_variants", ["default"],
@@ -125,9 +128,14 @@ flags.DEFINE_multi_string("train_bindings", [], "Extra gin bindings for the trai
 flags.DEFINE_string("json_out", "", "Optional path for all results as JSON.")
 flags.DEFINE_bool("cold_start", True, "Empty train.py's compilation cache before the "
                   "train part (its first start is then cold; repeat finds it warm).")
-flags.DEFINE_string("profile_dir", "", "If set: cProfile of each train part over epochs "
-                    "2.. (NAME.prof + top-40 NAME.txt) and from its start to its second "
-                    "dispatch (NAME_start.*), written there.")
+flags.DEFINE_string("profile_dir", "", "If set: the children's logs (train.py's timestamped "
+                    "lines), the spy part's trace and the cProfiles of --cprofile go there.")
+flags.DEFINE_list("cprofile", [], "With --profile_dir, cProfile in each train part: epochs "
+                  "(epochs 2.., NAME.prof + top-40 NAME.txt), start (process start to the "
+                  "second dispatch, NAME_start.*). Python 3.12's cProfile sees every thread "
+                  "and slows them all: the figures of a profiled run are not the real ones.")
+flags.DEFINE_string("spy", "py-spy", "The spy part's py-spy binary.")
+flags.DEFINE_list("spy_env", ["JAX_LOG_COMPILES=1"], "KEY=VALUE pairs for the spy part.")
 flags.DEFINE_string("part", "", "Internal: run one measurement in this process.")
 flags.DEFINE_string("run_name", "run", "Internal: the train part's workdir name.")
 
@@ -251,7 +259,7 @@ def _epoch_recorder(base):
             if self.epoch_seconds:  # an epoch of one call: no second dispatch came
                 self._end_start_profile()
             self.gpu.set(len(self.epoch_seconds) >= 1)
-            if FLAGS.profile_dir and len(self.epoch_seconds) >= 1:
+            if _profiling("epochs") and len(self.epoch_seconds) >= 1:
                 self.profile.enable()
             self._t, self._mark = time.perf_counter(), None
 
@@ -363,7 +371,8 @@ def _time_batches(train_ds) -> dict:
 def part_train() -> dict:
     """train.py's main with Throughput subclassed to record per-epoch training time."""
     start_profile = cProfile.Profile()  # imports, data, model, compile: to the 2nd dispatch
-    if FLAGS.profile_dir:
+    profile_start = _profiling("start")
+    if profile_start:
         start_profile.enable()
     import train as train_main
     from training import callbacks as cb
@@ -376,7 +385,7 @@ def part_train() -> dict:
 
     def throughput(*args, **kwargs):
         made.append(recorder(*args, **kwargs))
-        made[-1].start_profile = start_profile if FLAGS.profile_dir else None
+        made[-1].start_profile = start_profile if profile_start else None
         return made[-1]
 
     cb.Throughput = throughput
@@ -396,7 +405,7 @@ def part_train() -> dict:
     with open(os.path.join(workdir, "training_summary.json")) as f:
         summary = json.load(f)
     rec = made[0]
-    if FLAGS.profile_dir:
+    if FLAGS.profile_dir:  # each written only if it recorded anything
         _write_profile(rec.profile, f"{FLAGS.model}_{FLAGS.run_name}")
         _write_profile(start_profile, f"{FLAGS.model}_{FLAGS.run_name}_start")
     return {"images_per_s": _steady(rec.epoch_seconds, FLAGS.steps_per_epoch),
@@ -407,6 +416,10 @@ def part_train() -> dict:
             "start_phases": {"imports_s": imported, **rec.phases},
             "wall_s": time.perf_counter() - _START, "summary_images_per_s":
             summary["images_per_s"], "augment_on": summary.get("augment_on")}
+
+
+def _profiling(what: str) -> bool:
+    return bool(FLAGS.profile_dir) and what in FLAGS.cprofile
 
 
 def _write_profile(profile: cProfile.Profile, name: str) -> None:
@@ -510,17 +523,21 @@ def part_ablation() -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
-def _child(part: str, *extra: str) -> dict:
-    args = [sys.executable, "-m", "benchmarks.train_e2e", f"--part={part}",
+def _child(part: str, *extra: str, env: dict | None = None,
+           wrap: tuple[str, ...] = ()) -> dict:
+    """Runs one part in its own process (`env` added to its environment, its command line
+    prefixed by `wrap`) and returns the JSON result it prints last."""
+    args = [*wrap, sys.executable, "-m", "benchmarks.train_e2e", f"--part={part}",
             *[f"--{k}={getattr(FLAGS, k)}" for k in
               ("model", "image_size", "batch_size", "precision", "steps_per_epoch", "epochs",
                "prepare_size", "work_dir", "ablation_steps", "skip_steps", "profile_dir")],
+            f"--cprofile={','.join(FLAGS.cprofile)}",
             f"--ablation={','.join(FLAGS.ablation)}",
             f"--input_variants={','.join(FLAGS.input_variants)}",
             *[f"--train_bindings={b}" for b in FLAGS.train_bindings],
             *extra]  # last: a variant's binding wins over the run's (gin: the last one)
     t0 = time.perf_counter()
-    proc = subprocess.run(args, capture_output=True, text=True)
+    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if FLAGS.profile_dir:  # the child's log (train.py's timestamped steps) beside its profile
         run = next((a.split("=", 1)[1] for a in extra if a.startswith("--run_name=")), "run")
         os.makedirs(FLAGS.profile_dir, exist_ok=True)
@@ -529,10 +546,18 @@ def _child(part: str, *extra: str) -> dict:
     if proc.returncode:
         print(f"{part} failed:\n{proc.stderr[-6000:]}", flush=True)
         return {"error": proc.stderr[-2000:]}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     result["process_s"] = time.perf_counter() - t0
     print(part, json.dumps(result), flush=True)
     return result
+
+
+def _spy() -> tuple[str, ...]:
+    """The spy part's py-spy command line: native frames, idle threads too, 20 Hz."""
+    os.makedirs(FLAGS.profile_dir or ".", exist_ok=True)
+    out = os.path.join(FLAGS.profile_dir or ".", f"{FLAGS.model}_spy.trace.json")
+    return (FLAGS.spy, "record", "--native", "--idle", "--threads", "--rate", "20",
+            "--format", "chrometrace", "--output", out, "--")
 
 
 def _step() -> dict:
@@ -593,7 +618,7 @@ def _report(r: dict) -> None:
     for name, v, busy in rows:
         ratio = v / step if v and step else None
         print(f"| {name} | {_fmt(v)} | {_fmt(ratio, '.2f')} | {_fmt(busy, '.2f')} |")
-    for part in ("train", "repeat"):  # where a start's time went, in s since process start
+    for part in ("train", "repeat", "spy"):  # where a start's time went, in s since process start
         if r.get(part, {}).get("start_phases"):
             phases = ", ".join(f"{k[:-2]} {v}" for k, v in r[part]["start_phases"].items())
             print(f"{part} start (s since process start): {phases}, first step finished "
@@ -620,6 +645,9 @@ def main(_):
             results["step"] = _step()
         elif part == "repeat":
             results["repeat"] = _child("train", "--run_name=repeat")
+        elif part == "spy":
+            results["spy"] = _child("train", "--run_name=spy", wrap=_spy(),
+                                    env=dict(kv.split("=", 1) for kv in FLAGS.spy_env))
         elif part in _TRAIN_VARIANTS:
             run_name, binding, _ = _TRAIN_VARIANTS[part]
             results[part] = _child("train", f"--run_name={run_name}",
