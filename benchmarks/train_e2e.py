@@ -83,6 +83,13 @@ steps for 304-step epochs, 16 batches prefetched). One H200 + 16 cores, `--epoch
 
 The B3 profile then showed `Throughput` syncing the whole state at every dispatch (its
 batch hook read `Callback.model`): ~16 ms of each 8-step execution, since fixed.
+
+Those runs also had cProfile on, which (Python 3.12) slows every thread; it is now opt-in
+(--cprofile). Without it, same command, another H200: ConvNeXt-Tiny step 3,560, train.py
+3,453 (0.97x, GPU busy 0.95), second start's first step 39.8 s; EfficientNet-B3 train.py
+1,985 (~0.96x of the 2,058 step above, busy 0.98), second start 59.2 s. Of a warm start,
+the train function's first call takes most (23 s ConvNeXt, 38 s B3): tracing and lowering
+the scanned step, loading it from the cache, and its first execution on the GPU.
 """
 
 import cProfile
