@@ -103,8 +103,11 @@ import threading
 import time
 
 _START = time.perf_counter()
+_START_WALL = time.time()  # JAX's compile events carry wall-clock times
 
 from absl import app, flags  # noqa: E402
+
+from benchmarks.compile_clock import CompileClock  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "convnext_tiny", "fundusflow registry name.")
@@ -377,6 +380,7 @@ def _time_batches(train_ds) -> dict:
 
 def part_train() -> dict:
     """train.py's main with Throughput subclassed to record per-epoch training time."""
+    clock = CompileClock(_START_WALL)  # before train's imports: model building compiles too
     start_profile = cProfile.Profile()  # imports, data, model, compile: to the 2nd dispatch
     profile_start = _profiling("start")
     if profile_start:
@@ -421,8 +425,20 @@ def part_train() -> dict:
             "gpu_busy": rec.gpu.fraction,
             "first_step_s": first_step[0] - _START if first_step else None,
             "start_phases": {"imports_s": imported, **rec.phases},
+            "start_split": _start_split(clock, {"imports_s": imported, **rec.phases},
+                                        first_step[0] - _START if first_step else None),
             "wall_s": time.perf_counter() - _START, "summary_images_per_s":
             summary["images_per_s"], "augment_on": summary.get("augment_on")}
+
+
+def _start_split(clock: CompileClock, phases: dict, first_step_s: float | None) -> dict:
+    """Compile-event split of the start: to fit (imports done -> fit entered: data,
+    model and optimizer built, small programs compiled or loaded) and of the first call
+    of the train function (-> its second call, else the first finished step: the step
+    traced, lowered, compiled or loaded, then run once)."""
+    return {"to_fit": clock.split(phases.get("imports_s"), phases.get("fit_begins_s")),
+            "first_call": clock.split(phases.get("first_call_s"),
+                                      phases.get("second_call_s", first_step_s))}
 
 
 def _profiling(what: str) -> bool:
@@ -630,6 +646,9 @@ def _report(r: dict) -> None:
             phases = ", ".join(f"{k[:-2]} {v}" for k, v in r[part]["start_phases"].items())
             print(f"{part} start (s since process start): {phases}, first step finished "
                   f"{_fmt(r[part].get('first_step_s'), '.1f')}")
+            for stretch, split in r[part].get("start_split", {}).items():
+                if split:
+                    print(f"  {stretch}: " + ", ".join(f"{k} {v}" for k, v in split.items()))
     print(f"first finished step: train.py {_fmt(train.get('first_step_s'), '.1f')} s, "
           f"second start {_fmt(r.get('repeat', {}).get('first_step_s'), '.1f')} s; "
           f"stateless step cold {_fmt(r.get('step', {}).get('first_step_s'), '.1f')} s")
