@@ -90,6 +90,25 @@ Those runs also had cProfile on, which (Python 3.12) slows every thread; it is n
 1,985 (~0.96x of the 2,058 step above, busy 0.98), second start 59.2 s. Of a warm start,
 the train function's first call takes most (23 s ConvNeXt, 38 s B3): tracing and lowering
 the scanned step, loading it from the cache, and its first execution on the GPU.
+
+A third H200 (16 cores), `--epochs=2 --steps_per_epoch=304`, each model's parts in one
+lease (img/s, x step; second starts with JAX_LOG_COMPILES=1 for the split below):
+
+| | step | train.py, k = 8 | k = 16 | first step: cold / warm |
+| --- | --- | --- | --- | --- |
+| MobileNetV3-Large 224 | 9,028 | 7,739 (0.86, busy 0.86) | 8,442 (0.94, busy 0.89) | 110.5 / 23.5 s |
+| ConvNeXt-Tiny 224 | (3,560 above) | 3,495 (busy 0.96) | - | 73.2 / 22.7 s |
+| EfficientNet-B3 300 | 2,053 | 1,982 (0.97, busy 0.97) | - | 168.5 / 37.8 s |
+
+So the default's most steps per dispatch went from 8 to 16. The same B3 program, compiled
+cold once more on the same machine, ran at 1,365 img/s (busy 0.98): XLA's autotuning
+chose slower kernels that time, and the persistent cache keeps whatever the cold start
+chose (emptying the cache folder recompiles). The warm first calls split (from JAX's
+compile events; now printed by this benchmark, benchmarks/compile_clock.py): B3 trace
+3.6 s, lower 0.8, cache load 4.0, then ~15 s in the first execution; py-spy --native
+attached then (the probe in the session notes) put 92 % of that in cuDNN finalising
+convolution plans and 77 % in NVRTC compiling their kernels, which no cache keeps across
+processes. `build_model.depthwise="taps"` avoids those plans (README).
 """
 
 import cProfile
@@ -121,7 +140,7 @@ flags.DEFINE_integer("prepare_size", 256, "Side length of the prepared images.")
 flags.DEFINE_string("work_dir", "/tmp/fundusflow_e2e", "Data, workdirs, caches.")
 flags.DEFINE_list("parts", ["input", "step", "train", "repeat", "ablation"],
                   "What to run: input, step, train, train_host, train_noprefetch, "
-                  "train_spe1, train_spe16, repeat, spy, ablation. spy: one more start of "
+                  "train_spe1, train_spe8, repeat, spy, ablation. spy: one more start of "
                   "the train part under `py-spy record --native --idle` (--spy) with "
                   "--spy_env set; its samples, with timestamps, and its log go to "
                   "--profile_dir (MODEL_spy.trace.json, chrome trace format).")
@@ -603,9 +622,9 @@ _TRAIN_VARIANTS = {
     # batches read on the training thread (Keras' own iterator)
     "train_noprefetch": ("noprefetch", "train.device_prefetch = 0",
                          "without device prefetch"),
-    # steps per dispatch (training/multistep.py; the default is up to 8 on one GPU)
+    # steps per dispatch (training/multistep.py; the default is up to 16 on one GPU)
     "train_spe1": ("spe1", "train.steps_per_execution = 1", "one step per dispatch"),
-    "train_spe16": ("spe16", "train.steps_per_execution = 16", "16 steps per dispatch"),
+    "train_spe8": ("spe8", "train.steps_per_execution = 8", "8 steps per dispatch"),
     "train_host": ("host", "train.augment_on = 'host'", "augmenting on the host CPUs"),
 }
 

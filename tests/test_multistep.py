@@ -101,12 +101,14 @@ def test_resolve_checks_a_given_count_and_on_tensorflow_one_not_dividing_the_epo
         multistep.resolve(4, 6)  # tests run on the TF backend
 
 
-def test_resolve_default_is_one_off_an_accelerator_and_a_divisor_up_to_8_on_one(monkeypatch):
+def test_resolve_default_is_one_off_an_accelerator_and_a_divisor_up_to_16_on_one(monkeypatch):
     assert multistep.resolve(None, 304) == 1  # tests run on the TF backend (CPU)
     monkeypatch.setattr(train_function, "one_jax_accelerator", lambda: True)
-    # largest divisor of the epoch <= 8: 304 = 8 * 38, 100 = 5 * 20, 12 = 6 * 2, 97 prime
-    assert [multistep.resolve(None, n) for n in (304, 100, 12, 97, 3)] == [8, 5, 6, 1, 3]
-    assert multistep.resolve(16, 304) == 16  # a given count stays
+    # largest divisor of the epoch <= 16: 304 = 16 * 19, 100 = 10 * 10, 12 itself,
+    # 51 = 3 * 17, 97 prime
+    assert [multistep.resolve(None, n) for n in (304, 100, 12, 51, 97, 3)] == [16, 10, 12, 3,
+                                                                              1, 3]
+    assert multistep.resolve(8, 304) == 8  # a given count stays
 
 
 def test_train_runs_four_steps_per_call_fed_by_device_prefetch(runs):

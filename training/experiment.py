@@ -151,7 +151,7 @@ def train(workdir: str, resume: bool = False, allow_changes: bool = False, *,
             compiled call, a scan of the step (training/multistep.py), the epoch's
             last call ending at its end; TensorFlow: Keras' own loop, so k must divide
             the steps per epoch. None: on one JAX accelerator the largest divisor of
-            the steps per epoch up to 8, else 1. Callbacks see one batch per call
+            the steps per epoch up to 16, else 1. Callbacks see one batch per call
             (Throughput counts its k steps). Not part of the plan: the same steps,
             float noise only.
     """
