@@ -96,7 +96,7 @@ lease (img/s, x step; second starts with JAX_LOG_COMPILES=1 for the split below)
 
 | | step | train.py, k = 8 | k = 16 | first step: cold / warm |
 | --- | --- | --- | --- | --- |
-| MobileNetV3-Large 224 | 9,028 | 7,739 (0.86, busy 0.86) | 8,442 (0.94, busy 0.89) | 110.5 / 23.5 s |
+| MobileNetV3-Large 224 | 9,028 | 7,739 (0.86, busy .86) | 8,442 (0.94, busy .89) | 110.5 / 23.5 s |
 | ConvNeXt-Tiny 224 | (3,560 above) | 3,495 (busy 0.96) | - | 73.2 / 22.7 s |
 | EfficientNet-B3 300 | 2,053 | 1,982 (0.97, busy 0.97) | - | 168.5 / 37.8 s |
 
