@@ -142,8 +142,9 @@ flags.DEFINE_list("parts", ["input", "step", "train", "repeat", "ablation"],
                   "What to run: input, step, train, train_host, train_noprefetch, "
                   "train_spe1, train_spe8, repeat, spy, ablation. spy: one more start of "
                   "the train part under `py-spy record --native --idle` (--spy) with "
-                  "--spy_env set; its samples, with timestamps, and its log go to "
-                  "--profile_dir (MODEL_spy.trace.json, chrome trace format).")
+                  "--spy_env set; its stacks (MODEL_spy.txt.gz, py-spy's raw format: "
+                  "one collapsed stack and its sample count a line) and its log go to "
+                  "--profile_dir.")
 flags.DEFINE_list("ablation", ["fixed_nometrics", "fixed", "fixed_uint8", "fixed_sync",
                                "pipeline"], "Ablation variants (see _ABLATIONS).")
 flags.DEFINE_list("input_variants", ["default"],
@@ -594,12 +595,17 @@ def _child(part: str, *extra: str, env: dict | None = None,
     return result
 
 
+def _spy_output() -> str:
+    return os.path.join(FLAGS.profile_dir or ".", f"{FLAGS.model}_spy.txt")
+
+
 def _spy() -> tuple[str, ...]:
-    """The spy part's py-spy command line: native frames, idle threads too, 20 Hz."""
+    """The spy part's py-spy command line: native frames, idle threads too, 20 Hz, in
+    py-spy's raw format (collapsed stacks with counts; gzipped after the run: a native
+    chrome trace of a whole start is hundreds of MB)."""
     os.makedirs(FLAGS.profile_dir or ".", exist_ok=True)
-    out = os.path.join(FLAGS.profile_dir or ".", f"{FLAGS.model}_spy.trace.json")
     return (FLAGS.spy, "record", "--native", "--idle", "--threads", "--rate", "20",
-            "--format", "chrometrace", "--output", out, "--")
+            "--format", "raw", "--output", _spy_output(), "--")
 
 
 def _step() -> dict:
@@ -693,6 +699,8 @@ def main(_):
         elif part == "spy":
             results["spy"] = _child("train", "--run_name=spy", wrap=_spy(),
                                     env=dict(kv.split("=", 1) for kv in FLAGS.spy_env))
+            if os.path.exists(_spy_output()):
+                subprocess.run(["gzip", "-f", _spy_output()], check=True)
         elif part in _TRAIN_VARIANTS:
             run_name, binding, _ = _TRAIN_VARIANTS[part]
             results[part] = _child("train", f"--run_name={run_name}",
