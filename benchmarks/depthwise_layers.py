@@ -1,0 +1,212 @@
+"""Each depthwise convolution of a backbone, cuDNN against shifted multiply-adds (taps).
+
+On an H200 a warm start of EfficientNet-B3's training (compiled program loaded from the
+persistent cache) spends ~15 s in the program's first execution, and py-spy put 92 % of
+it in cuDNN finalising convolution plans, 77 % in NVRTC compiling the kernels of cuDNN's
+run-time-compiled engines: nothing caches those across processes. `build_model(
+depthwise="taps", taps_max_input_size=T)` computes the depthwise convolutions whose input
+is at most T pixels across as k*k fused multiply-adds instead (models/layers.py), which
+XLA compiles and caches itself, but at some cost in step time. This benchmark measures,
+per distinct depthwise layer of the backbone (its input, kernel, stride), the forward and
+both backward convolutions (one jitted gradient, the training dtype) in four fresh
+processes: each variant cold (empty cache) and warm (cache filled by the cold one):
+
+- `first_s`: the warm process's first execution of the loaded program (cuDNN's plan
+  building is here; what a warm train.py start pays per layer);
+- `step_ms`: the steady time of one execution;
+
+then, for each threshold T, the totals over the backbone's layers (a shape counted once
+per layer that has it) when the layers with input <= T use taps. JAX backend only:
+
+    KERAS_BACKEND=jax python3 -m benchmarks.depthwise_layers --model=efficientnet_b3 \
+        --image_size=300 --batch_size=64
+
+The totals are per-layer sums, not a training step: use benchmarks/train_e2e.py
+(`--train_bindings='build_model.taps_max_input_size = T'` with `build_model.depthwise =
+"taps"`) to confirm a threshold end to end.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS  # defined under __main__: tests import this module
+
+def depthwise_configs(backbone) -> list[dict]:
+    """The distinct depthwise layers of `backbone` (a built Keras model), in order.
+
+    Returns dicts with the layer's input `h`, `w`, `c`, its `kernel`, `strides`,
+    `padding` and `count`: how many of the backbone's DepthwiseConv2D layers (depth
+    multiplier 1) have that shape.
+    """
+    import keras
+
+    def walk(model):  # nested models' layers too
+        for layer in model.layers:
+            yield from walk(layer) if isinstance(layer, keras.Model) else [layer]
+
+    configs = {}
+    for layer in walk(backbone):
+        if not isinstance(layer, keras.layers.DepthwiseConv2D) or layer.depth_multiplier != 1:
+            continue
+        _, h, w, c = layer.input.shape
+        key = (h, w, c, tuple(layer.kernel_size), tuple(layer.strides), layer.padding)
+        if key not in configs:
+            configs[key] = {"h": h, "w": w, "c": c, "kernel": list(key[3]),
+                            "strides": list(key[4]), "padding": key[5], "count": 0}
+        configs[key]["count"] += 1
+    return list(configs.values())
+
+
+def threshold_table(configs: list[dict], native: list[dict], taps: list[dict]) -> list[dict]:
+    """Totals over the backbone's layers for each threshold T (None: all native), the
+    layers whose input is at most T pixels across computed as taps.
+
+    `native`, `taps`: per config (same order), dicts with `first_s` and `step_ms`.
+    Returns dicts: `max_input_size`, `first_s` and `step_ms` (each summed over layers,
+    count-weighted), `taps_layers`.
+    """
+    sizes = sorted({max(c["h"], c["w"]) for c in configs})
+    rows = []
+    for limit in [None, *sizes]:
+        first = step = 0.0
+        swapped = 0
+        for config, n, t in zip(configs, native, taps, strict=True):
+            use_taps = limit is not None and max(config["h"], config["w"]) <= limit
+            chosen = t if use_taps else n
+            first += config["count"] * chosen["first_s"]
+            step += config["count"] * chosen["step_ms"]
+            swapped += config["count"] if use_taps else 0
+        rows.append({"max_input_size": limit, "first_s": round(first, 3),
+                     "step_ms": round(step, 3), "taps_layers": swapped})
+    return rows
+
+
+def _layer(config: dict, variant: str):
+    import keras
+
+    from models import layers
+
+    cls = layers.TapDepthwiseConv2D if variant == "taps" else keras.layers.DepthwiseConv2D
+    layer = cls(tuple(config["kernel"]), strides=tuple(config["strides"]),
+                padding=config["padding"], use_bias=False, dtype=FLAGS.dtype_policy)
+    layer.build((FLAGS.batch_size, config["h"], config["w"], config["c"]))
+    return layer
+
+
+def gradient_fn(layer):
+    """jit((kernel, x) -> (d kernel, d x)) of sum(layer(x)): forward and both backward
+    convolutions, as in training."""
+    import jax
+    import jax.numpy as jnp
+    import keras
+
+    def loss(kernel, x):
+        # layer(x), not stateless_call: __call__ autocasts the kernel to the compute dtype
+        with keras.StatelessScope(state_mapping=[(layer.kernel, kernel)]):
+            return jnp.sum(layer(x).astype(jnp.float32))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def _measure(config: dict) -> dict:
+    import jax
+    import numpy as np
+
+    layer = _layer(config, FLAGS.variant)
+    rng = np.random.default_rng(0)
+    x = jax.numpy.asarray(rng.uniform(-1, 1, (FLAGS.batch_size, config["h"], config["w"],
+                                              config["c"])), layer.compute_dtype)
+    kernel = layer.kernel.value
+    t0 = time.perf_counter()
+    compiled = gradient_fn(layer).lower(kernel, x).compile()  # or loaded from the cache
+    t1 = time.perf_counter()
+    jax.block_until_ready(compiled(kernel, x))
+    t2 = time.perf_counter()
+    times = []
+    for _ in range(FLAGS.iters):
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(kernel, x))
+        times.append(time.perf_counter() - t)
+    return {"compile_or_load_s": round(t1 - t0, 4), "first_s": round(t2 - t1, 4),
+            "step_ms": round(1e3 * float(np.median(times)), 4)}
+
+
+def _child() -> list[dict]:
+    import keras
+
+    from models import registry
+    from training import compilation
+
+    if keras.backend.backend() != "jax":
+        sys.exit("depthwise_layers measures JAX programs: set KERAS_BACKEND=jax")
+    compilation.enable_compilation_cache(os.path.join(FLAGS.cache_dir, FLAGS.variant))
+    backbone = registry.get_backbone_fn(FLAGS.model)(image_size=FLAGS.image_size,
+                                                      weights=None)
+    return [_measure(config) for config in depthwise_configs(backbone)]
+
+
+def _run(variant: str, start: str) -> list[dict]:
+    if start == "cold":
+        shutil.rmtree(os.path.join(FLAGS.cache_dir, variant), ignore_errors=True)
+    args = [sys.executable, "-m", "benchmarks.depthwise_layers", f"--variant={variant}",
+            *[f"--{k}={getattr(FLAGS, k)}" for k in
+              ("model", "image_size", "batch_size", "dtype_policy", "iters", "cache_dir")]]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{variant} ({start}) failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(_):
+    if FLAGS.variant:
+        print(json.dumps(_child()))
+        return
+    import keras
+
+    from models import registry
+
+    backbone = registry.get_backbone_fn(FLAGS.model)(image_size=FLAGS.image_size,
+                                                      weights=None)
+    configs = depthwise_configs(backbone)
+    runs = {(v, s): _run(v, s) for v in ("native", "taps") for s in ("cold", "warm")}
+    print(f"## {FLAGS.model} {FLAGS.image_size}px, batch {FLAGS.batch_size}, "
+          f"{FLAGS.dtype_policy}, {keras.backend.backend()}: each depthwise layer's "
+          "gradient (forward + both backward convolutions)")
+    print("| input HxWxC | kernel/stride | layers | native: warm first run s, step ms, "
+          "cold first run s | taps: warm first run s, step ms |")
+    print("| --- | --- | --- | --- | --- |")
+    for i, c in enumerate(configs):
+        n, t, cold = runs["native", "warm"][i], runs["taps", "warm"][i], runs["native", "cold"][i]
+        print(f"| {c['h']}x{c['w']}x{c['c']} | {c['kernel'][0]}/{c['strides'][0]} | "
+              f"{c['count']} | {n['first_s']:.3f}, {n['step_ms']:.3f}, {cold['first_s']:.3f} | "
+              f"{t['first_s']:.3f}, {t['step_ms']:.3f} |")
+    table = threshold_table(configs, runs["native", "warm"], runs["taps", "warm"])
+    print("\n| taps for inputs <= | taps layers | warm first runs, s | steps, ms |")
+    print("| --- | --- | --- | --- |")
+    for row in table:
+        print(f"| {row['max_input_size'] or '- (all native)'} | {row['taps_layers']} | "
+              f"{row['first_s']:.2f} | {row['step_ms']:.2f} |")
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as f:
+            json.dump({"configs": configs, "runs": {f"{v}_{s}": r for (v, s), r in
+                                                    runs.items()}, "thresholds": table}, f,
+                      indent=2)
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("model", "efficientnet_b3", "fundusflow registry name.")
+    flags.DEFINE_integer("image_size", 300, "Square input size.")
+    flags.DEFINE_integer("batch_size", 64, "Batch size.")
+    flags.DEFINE_string("dtype_policy", "mixed_bfloat16", "Keras dtype policy of the layers.")
+    flags.DEFINE_integer("iters", 20, "Timed executions per layer (median).")
+    flags.DEFINE_string("cache_dir", "/tmp/fundusflow_depthwise_cache", "Compilation caches "
+                        "(one folder per variant, emptied before its cold run).")
+    flags.DEFINE_string("json_out", "", "Optional path for all results as JSON.")
+    flags.DEFINE_string("variant", "", "Internal: native or taps, measured in this process.")
+    app.run(main)
