@@ -37,6 +37,7 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS  # defined under __main__: tests import this module
 
+
 def depthwise_configs(backbone) -> list[dict]:
     """The distinct depthwise layers of `backbone` (a built Keras model), in order.
 
@@ -137,18 +138,21 @@ def _measure(config: dict) -> dict:
             "step_ms": round(1e3 * float(np.median(times)), 4)}
 
 
+def _configs_file() -> str:
+    return os.path.join(FLAGS.cache_dir, "configs.json")
+
+
 def _child() -> list[dict]:
+    """Measures the layers main() listed in `_configs_file()`, with `--variant`."""
     import keras
 
-    from models import registry
     from training import compilation
 
     if keras.backend.backend() != "jax":
         sys.exit("depthwise_layers measures JAX programs: set KERAS_BACKEND=jax")
     compilation.enable_compilation_cache(os.path.join(FLAGS.cache_dir, FLAGS.variant))
-    backbone = registry.get_backbone_fn(FLAGS.model)(image_size=FLAGS.image_size,
-                                                      weights=None)
-    return [_measure(config) for config in depthwise_configs(backbone)]
+    with open(_configs_file()) as f:
+        return [_measure(config) for config in json.load(f)]
 
 
 def _run(variant: str, start: str) -> list[dict]:
@@ -156,7 +160,7 @@ def _run(variant: str, start: str) -> list[dict]:
         shutil.rmtree(os.path.join(FLAGS.cache_dir, variant), ignore_errors=True)
     args = [sys.executable, "-m", "benchmarks.depthwise_layers", f"--variant={variant}",
             *[f"--{k}={getattr(FLAGS, k)}" for k in
-              ("model", "image_size", "batch_size", "dtype_policy", "iters", "cache_dir")]]
+              ("batch_size", "dtype_policy", "iters", "cache_dir")]]
     proc = subprocess.run(args, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{variant} ({start}) failed:\n{proc.stderr[-4000:]}")
@@ -174,6 +178,9 @@ def main(_):
     backbone = registry.get_backbone_fn(FLAGS.model)(image_size=FLAGS.image_size,
                                                       weights=None)
     configs = depthwise_configs(backbone)
+    os.makedirs(FLAGS.cache_dir, exist_ok=True)
+    with open(_configs_file(), "w") as f:  # the children measure these, not a rebuild
+        json.dump(configs, f)
     runs = {(v, s): _run(v, s) for v in ("native", "taps") for s in ("cold", "warm")}
     print(f"## {FLAGS.model} {FLAGS.image_size}px, batch {FLAGS.batch_size}, "
           f"{FLAGS.dtype_policy}, {keras.backend.backend()}: each depthwise layer's "

@@ -439,14 +439,13 @@ def part_train() -> dict:
     if FLAGS.profile_dir:  # each written only if it recorded anything
         _write_profile(rec.profile, f"{FLAGS.model}_{FLAGS.run_name}")
         _write_profile(start_profile, f"{FLAGS.model}_{FLAGS.run_name}_start")
+    first_step_s = first_step[0] - _START if first_step else None
+    phases = {"imports_s": imported, **rec.phases}
     return {"images_per_s": _steady(rec.epoch_seconds, FLAGS.steps_per_epoch),
             "sustained_images_per_s": _mean(rec.sustained[1:]),
             "epoch_seconds": [round(s, 3) for s in rec.epoch_seconds],
-            "gpu_busy": rec.gpu.fraction,
-            "first_step_s": first_step[0] - _START if first_step else None,
-            "start_phases": {"imports_s": imported, **rec.phases},
-            "start_split": _start_split(clock, {"imports_s": imported, **rec.phases},
-                                        first_step[0] - _START if first_step else None),
+            "gpu_busy": rec.gpu.fraction, "first_step_s": first_step_s,
+            "start_phases": phases, "start_split": _start_split(clock, phases, first_step_s),
             "wall_s": time.perf_counter() - _START, "summary_images_per_s":
             summary["images_per_s"], "augment_on": summary.get("augment_on")}
 
