@@ -14,12 +14,24 @@ processes: each variant cold (empty cache) and warm (cache filled by the cold on
 - `first_s`: the warm process's first execution of the loaded program (cuDNN's plan
   building is here; what a warm train.py start pays per layer);
 - `step_ms`: the steady time of one execution;
+- `engines`: the cuDNN engines XLA's autotuning chose for the layer (errata tags such as
+  `ConvFwd_eng5`; only on a GPU);
 
 then, for each threshold T, the totals over the backbone's layers (a shape counted once
-per layer that has it) when the layers with input <= T use taps. JAX backend only:
+per layer that has it) when the layers with input <= T use taps, and when exactly the
+layers whose taps step is no slower do. JAX backend only:
 
     KERAS_BACKEND=jax python3 -m benchmarks.depthwise_layers --model=efficientnet_b3 \
         --image_size=300 --batch_size=64
+
+Measured on an H200 (jaxlib 0.11.2, bf16, batch 64): XLA's autotuning gives every B3
+depthwise layer cuDNN engines 5 (ConvFwd; XLA runs the data gradient as one too) and 16
+(ConvBwdFilter), both compiled at run time: 0.39-0.76 s per layer and process, 15.2 s over
+B3's 26 layers (forward and backward), as much as a warm start's first execution. Hiding
+them from the autotuner with a cuDNN errata file (`CUDNN_ERRATA_JSON_FILE`, which XLA
+reads) makes it pick engines 0, 22 and 19 (still run-time compiled, ~0.2 s a layer; the
+layers' gradients 6x slower in total), then 1, 28, 10 and 9 (precompiled, 17x slower):
+no way round it on cuDNN's side, hence taps.
 
 The totals are per-layer sums, not a training step: use benchmarks/train_e2e.py
 (`--train_bindings='build_model.taps_max_input_size = T'` with `build_model.depthwise =
@@ -28,6 +40,7 @@ The totals are per-layer sums, not a training step: use benchmarks/train_e2e.py
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,26 +79,33 @@ def depthwise_configs(backbone) -> list[dict]:
 
 def threshold_table(configs: list[dict], native: list[dict], taps: list[dict]) -> list[dict]:
     """Totals over the backbone's layers for each threshold T (None: all native), the
-    layers whose input is at most T pixels across computed as taps.
+    layers whose input is at most T pixels across computed as taps; then one row
+    (`max_input_size` "no slower") with taps exactly where its step is at most native's.
 
     `native`, `taps`: per config (same order), dicts with `first_s` and `step_ms`.
     Returns dicts: `max_input_size`, `first_s` and `step_ms` (each summed over layers,
     count-weighted), `taps_layers`.
     """
     sizes = sorted({max(c["h"], c["w"]) for c in configs})
-    rows = []
-    for limit in [None, *sizes]:
-        first = step = 0.0
-        swapped = 0
-        for config, n, t in zip(configs, native, taps, strict=True):
-            use_taps = limit is not None and max(config["h"], config["w"]) <= limit
-            chosen = t if use_taps else n
-            first += config["count"] * chosen["first_s"]
-            step += config["count"] * chosen["step_ms"]
-            swapped += config["count"] if use_taps else 0
-        rows.append({"max_input_size": limit, "first_s": round(first, 3),
-                     "step_ms": round(step, 3), "taps_layers": swapped})
+    rows = [_totals(limit, configs, native, taps,
+                    [limit is not None and max(c["h"], c["w"]) <= limit for c in configs])
+            for limit in [None, *sizes]]
+    rows.append(_totals("no slower", configs, native, taps,
+                        [t["step_ms"] <= n["step_ms"] for n, t in zip(native, taps,
+                                                                     strict=True)]))
     return rows
+
+
+def _totals(label, configs, native, taps, use_taps: list[bool]) -> dict:
+    first = step = 0.0
+    swapped = 0
+    for config, n, t, swap in zip(configs, native, taps, use_taps, strict=True):
+        chosen = t if swap else n
+        first += config["count"] * chosen["first_s"]
+        step += config["count"] * chosen["step_ms"]
+        swapped += config["count"] if swap else 0
+    return {"max_input_size": label, "first_s": round(first, 3), "step_ms": round(step, 3),
+            "taps_layers": swapped}
 
 
 def _layer(config: dict, variant: str):
@@ -101,8 +121,9 @@ def _layer(config: dict, variant: str):
 
 
 def gradient_fn(layer):
-    """jit((kernel, x) -> (d kernel, d x)) of sum(layer(x)): forward and both backward
-    convolutions, as in training."""
+    """jit((kernel, x) -> (d kernel, d x)) of sum(layer(x)**2) / 2: the forward convolution
+    and both backward ones, as in training (a loss linear in the output would let XLA drop
+    the forward convolution, which training always runs)."""
     import jax
     import jax.numpy as jnp
     import keras
@@ -110,9 +131,27 @@ def gradient_fn(layer):
     def loss(kernel, x):
         # layer(x), not stateless_call: __call__ autocasts the kernel to the compute dtype
         with keras.StatelessScope(state_mapping=[(layer.kernel, kernel)]):
-            return jnp.sum(layer(x).astype(jnp.float32))
+            y = layer(x).astype(jnp.float32)
+        return jnp.sum(y * y) / 2
 
     return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+_CUDNN_OPS = {"convForward": "ConvFwd", "convBackwardInput": "ConvBwdData",
+              "convBackwardFilter": "ConvBwdFilter"}
+
+
+def cudnn_engines(hlo_text: str) -> list[str]:
+    """The cuDNN engines an optimised XLA GPU program runs, as cuDNN's errata tags
+    ("ConvFwd_eng5"), in program order: the `algo_id` of each `__cudnn$conv*` custom call."""
+    engines = []
+    for line in hlo_text.splitlines():
+        call = re.search(r'"__cudnn\$(\w+)"', line)
+        if call:
+            algo = re.search(r'algo_id\\?"\s*:\s*\\?"?(\d+)', line)  # quotes escaped or not
+            engines.append(f"{_CUDNN_OPS.get(call.group(1), call.group(1))}_eng"
+                           f"{algo.group(1) if algo else '?'}")
+    return engines
 
 
 def _measure(config: dict) -> dict:
@@ -135,7 +174,8 @@ def _measure(config: dict) -> dict:
         jax.block_until_ready(compiled(kernel, x))
         times.append(time.perf_counter() - t)
     return {"compile_or_load_s": round(t1 - t0, 4), "first_s": round(t2 - t1, 4),
-            "step_ms": round(1e3 * float(np.median(times)), 4)}
+            "step_ms": round(1e3 * float(np.median(times)), 4),
+            "engines": cudnn_engines(compiled.as_text())}
 
 
 def _configs_file() -> str:
@@ -186,13 +226,13 @@ def main(_):
           f"{FLAGS.dtype_policy}, {keras.backend.backend()}: each depthwise layer's "
           "gradient (forward + both backward convolutions)")
     print("| input HxWxC | kernel/stride | layers | native: warm first run s, step ms, "
-          "cold first run s | taps: warm first run s, step ms |")
-    print("| --- | --- | --- | --- | --- |")
+          "cold first run s | taps: warm first run s, step ms | native's cuDNN engines |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for i, c in enumerate(configs):
         n, t, cold = runs["native", "warm"][i], runs["taps", "warm"][i], runs["native", "cold"][i]
         print(f"| {c['h']}x{c['w']}x{c['c']} | {c['kernel'][0]}/{c['strides'][0]} | "
               f"{c['count']} | {n['first_s']:.3f}, {n['step_ms']:.3f}, {cold['first_s']:.3f} | "
-              f"{t['first_s']:.3f}, {t['step_ms']:.3f} |")
+              f"{t['first_s']:.3f}, {t['step_ms']:.3f} | {' '.join(n['engines'])} |")
     table = threshold_table(configs, runs["native", "warm"], runs["taps", "warm"])
     print("\n| taps for inputs <= | taps layers | warm first runs, s | steps, ms |")
     print("| --- | --- | --- | --- |")
