@@ -4,7 +4,10 @@
 multiply-adds instead of a grouped convolution. XLA fuses it into plain loop
 kernels, so no cuDNN convolution plan is built for it at run time. Same
 variables, same maths as `keras.layers.DepthwiseConv2D` (channels_last,
-depth_multiplier 1, no dilation).
+depth_multiplier 1, no dilation). The kernel's gradient is a sum over batch and map
+of products in the compute dtype. With bf16 it is within 1 % of DepthwiseConv2D's on an
+H200 (JAX) and with TensorFlow on CPU (measured), but JAX on CPU sums it in bf16 (tens of
+% off for a batch of 64 15x15 maps): there, use taps only with float32.
 """
 
 import keras
