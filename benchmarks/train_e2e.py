@@ -109,6 +109,19 @@ compile events; now printed by this benchmark, benchmarks/compile_clock.py): B3 
 attached then (the probe in the session notes) put 92 % of that in cuDNN finalising
 convolution plans and 77 % in NVRTC compiling their kernels, which no cache keeps across
 processes. `build_model.depthwise="taps"` avoids those plans (README).
+
+A fourth H200 (16 cores), k = 16 (the new default), `--epochs=2 --steps_per_epoch=304
+--parts=step,train,repeat`:
+
+| | step | train.py | second start | first step: cold / warm |
+| --- | --- | --- | --- | --- |
+| ConvNeXt-Tiny 224 | 3,585 | 3,461 (0.97, busy 0.96) | 3,476 (0.97) | 67.9 / 22.8 s |
+| EfficientNet-B3 300 | 2,065 | 1,986 (0.96, busy 0.98) | 2,027 (0.98) | 171.1 / 38.7 s |
+
+B3's warm start: imports 4.3 s, to fit 10.6 (314 small programs, 4.2 s of them), the
+step's trace 3.9, lower 0.8, cache load 3.9, first execution 15.1 s, which
+benchmarks/depthwise_layers.py matches layer by layer (15.2 s of cuDNN run-time compiled
+depthwise engines over its 26 layers).
 """
 
 import cProfile
