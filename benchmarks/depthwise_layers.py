@@ -8,8 +8,10 @@ depthwise="taps", taps_max_input_size=T)` computes the depthwise convolutions wh
 is at most T pixels across as k*k fused multiply-adds instead (models/layers.py), which
 XLA compiles and caches itself, but at some cost in step time. This benchmark measures,
 per distinct depthwise layer of the backbone (its input, kernel, stride), the forward and
-both backward convolutions (one jitted gradient, the training dtype) in four fresh
-processes: each variant cold (empty cache) and warm (cache filled by the cold one):
+both backward convolutions (one jitted gradient, the training dtype) in two fresh
+processes per variant, cold (empty cache) and warm (cache filled by the cold one); the
+variants are native (DepthwiseConv2D), taps and, with `--variants=native,taps,float32`,
+DepthwiseConv2D computing in float32 (cuDNN's float32 engines; not yet measured on a GPU):
 
 - `first_s`: the warm process's first execution of the loaded program (cuDNN's plan
   building is here; what a warm train.py start pays per layer);
@@ -114,8 +116,10 @@ def _layer(config: dict, variant: str):
     from models import layers
 
     cls = layers.TapDepthwiseConv2D if variant == "taps" else keras.layers.DepthwiseConv2D
+    # float32: cuDNN's float32 depthwise engines on inputs cast up from the training dtype
+    dtype = "float32" if variant == "float32" else FLAGS.dtype_policy
     layer = cls(tuple(config["kernel"]), strides=tuple(config["strides"]),
-                padding=config["padding"], use_bias=False, dtype=FLAGS.dtype_policy)
+                padding=config["padding"], use_bias=False, dtype=dtype)
     layer.build((FLAGS.batch_size, config["h"], config["w"], config["c"]))
     return layer
 
@@ -156,12 +160,14 @@ def cudnn_engines(hlo_text: str) -> list[str]:
 
 def _measure(config: dict) -> dict:
     import jax
+    import keras
     import numpy as np
 
     layer = _layer(config, FLAGS.variant)
     rng = np.random.default_rng(0)
     x = jax.numpy.asarray(rng.uniform(-1, 1, (FLAGS.batch_size, config["h"], config["w"],
-                                              config["c"])), layer.compute_dtype)
+                                              config["c"])),
+                          keras.DTypePolicy(FLAGS.dtype_policy).compute_dtype)
     kernel = layer.kernel.value
     t0 = time.perf_counter()
     compiled = gradient_fn(layer).lower(kernel, x).compile()  # or loaded from the cache
@@ -221,28 +227,35 @@ def main(_):
     os.makedirs(FLAGS.cache_dir, exist_ok=True)
     with open(_configs_file(), "w") as f:  # the children measure these, not a rebuild
         json.dump(configs, f)
-    runs = {(v, s): _run(v, s) for v in ("native", "taps") for s in ("cold", "warm")}
+    variants = ["native", *[v for v in FLAGS.variants if v != "native"]]
+    runs = {(v, s): _run(v, s) for v in variants for s in ("cold", "warm")}
     print(f"## {FLAGS.model} {FLAGS.image_size}px, batch {FLAGS.batch_size}, "
           f"{FLAGS.dtype_policy}, {keras.backend.backend()}: each depthwise layer's "
           "gradient (forward + both backward convolutions)")
+    others = variants[1:]
     print("| input HxWxC | kernel/stride | layers | native: warm first run s, step ms, "
-          "cold first run s | taps: warm first run s, step ms | native's cuDNN engines |")
-    print("| --- | --- | --- | --- | --- | --- |")
+          "cold first run s | " + " | ".join(f"{v}: warm first run s, step ms" for v in others)
+          + " | native's cuDNN engines |")
+    print("| --- " * (5 + len(others)) + "|")
     for i, c in enumerate(configs):
-        n, t, cold = runs["native", "warm"][i], runs["taps", "warm"][i], runs["native", "cold"][i]
+        n, cold = runs["native", "warm"][i], runs["native", "cold"][i]
+        alt = " | ".join(f"{runs[v, 'warm'][i]['first_s']:.3f}, {runs[v, 'warm'][i]['step_ms']:.3f}"
+                         for v in others)
         print(f"| {c['h']}x{c['w']}x{c['c']} | {c['kernel'][0]}/{c['strides'][0]} | "
               f"{c['count']} | {n['first_s']:.3f}, {n['step_ms']:.3f}, {cold['first_s']:.3f} | "
-              f"{t['first_s']:.3f}, {t['step_ms']:.3f} | {' '.join(n['engines'])} |")
-    table = threshold_table(configs, runs["native", "warm"], runs["taps", "warm"])
-    print("\n| taps for inputs <= | taps layers | warm first runs, s | steps, ms |")
-    print("| --- | --- | --- | --- |")
-    for row in table:
-        print(f"| {row['max_input_size'] or '- (all native)'} | {row['taps_layers']} | "
-              f"{row['first_s']:.2f} | {row['step_ms']:.2f} |")
+              f"{alt} | {' '.join(n['engines'])} |")
+    tables = {v: threshold_table(configs, runs["native", "warm"], runs[v, "warm"])
+              for v in others}
+    for v, table in tables.items():
+        print(f"\n| {v} for inputs <= | {v} layers | warm first runs, s | steps, ms |")
+        print("| --- | --- | --- | --- |")
+        for row in table:
+            print(f"| {row['max_input_size'] or '- (all native)'} | {row['taps_layers']} | "
+                  f"{row['first_s']:.2f} | {row['step_ms']:.2f} |")
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as f:
             json.dump({"configs": configs, "runs": {f"{v}_{s}": r for (v, s), r in
-                                                    runs.items()}, "thresholds": table}, f,
+                                                    runs.items()}, "thresholds": tables}, f,
                       indent=2)
 
 
@@ -255,5 +268,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("cache_dir", "/tmp/fundusflow_depthwise_cache", "Compilation caches "
                         "(one folder per variant, emptied before its cold run).")
     flags.DEFINE_string("json_out", "", "Optional path for all results as JSON.")
-    flags.DEFINE_string("variant", "", "Internal: native or taps, measured in this process.")
+    flags.DEFINE_list("variants", ["native", "taps"], "What to measure against native: taps "
+                      "(TapDepthwiseConv2D), float32 (DepthwiseConv2D computing in float32).")
+    flags.DEFINE_string("variant", "", "Internal: the variant measured in this process.")
     app.run(main)
