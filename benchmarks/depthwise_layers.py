@@ -81,8 +81,9 @@ def depthwise_configs(backbone) -> list[dict]:
 
 def threshold_table(configs: list[dict], native: list[dict], taps: list[dict]) -> list[dict]:
     """Totals over the backbone's layers for each threshold T (None: all native), the
-    layers whose input is at most T pixels across computed as taps; then one row
-    (`max_input_size` "no slower") with taps exactly where its step is at most native's.
+    layers whose input is at most T pixels across computed as taps; then the rows
+    (`max_input_size`) "strided" (taps for the layers with stride >= 2) and "no slower"
+    (taps exactly where its step is at most native's).
 
     `native`, `taps`: per config (same order), dicts with `first_s` and `step_ms`.
     Returns dicts: `max_input_size`, `first_s` and `step_ms` (each summed over layers,
@@ -92,6 +93,8 @@ def threshold_table(configs: list[dict], native: list[dict], taps: list[dict]) -
     rows = [_totals(limit, configs, native, taps,
                     [limit is not None and max(c["h"], c["w"]) <= limit for c in configs])
             for limit in [None, *sizes]]
+    rows.append(_totals("strided", configs, native, taps,  # build_model.taps_min_stride = 2
+                        [max(c["strides"]) >= 2 for c in configs]))
     rows.append(_totals("no slower", configs, native, taps,
                         [t["step_ms"] <= n["step_ms"] for n, t in zip(native, taps,
                                                                      strict=True)]))

@@ -47,23 +47,26 @@ class TapDepthwiseConv2D(keras.layers.DepthwiseConv2D):
         return self.activation(out) if self.activation is not None else out
 
 
-def _small_input(layer, max_input_size: int | None) -> bool:
-    if max_input_size is None:
-        return True
-    return max(layer.input.shape[1:3]) <= max_input_size
+def _selected(layer, max_input_size: int | None, min_stride: int) -> bool:
+    if max(layer.strides) < min_stride:
+        return False
+    return max_input_size is None or max(layer.input.shape[1:3]) <= max_input_size
 
 
-def use_tap_depthwise(model: keras.Model, max_input_size: int | None = None) -> keras.Model:
+def use_tap_depthwise(model: keras.Model, max_input_size: int | None = None,
+                      min_stride: int = 1) -> keras.Model:
     """A clone of `model` whose DepthwiseConv2D layers are TapDepthwiseConv2D, weights copied.
 
     max_input_size: only layers whose input is at most this many pixels high and
     wide are swapped (None: all). Large maps stay on cuDNN, where taps are slow.
+    min_stride: only layers with a stride of at least this are swapped (2: the strided
+    ones, which on an H200 ran faster as taps than on cuDNN, per layer).
     """
 
     def clone(layer):
         if type(layer) is keras.layers.DepthwiseConv2D and layer.depth_multiplier == 1 \
                 and tuple(layer.dilation_rate) == (1, 1) and layer.data_format == "channels_last" \
-                and _small_input(layer, max_input_size):
+                and _selected(layer, max_input_size, min_stride):
             return TapDepthwiseConv2D.from_config(layer.get_config())
         return layer.__class__.from_config(layer.get_config())
 

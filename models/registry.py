@@ -62,6 +62,7 @@ def build_model(
     head: str | None = None,
     depthwise: str = "native",
     taps_max_input_size: int | None = None,
+    taps_min_stride: int = 1,
     **kw,
 ) -> keras.Model:
     """Builds ``image -> backbone -> gap -> dropout -> logits`` (see docs/ARCHITECTURE.md).
@@ -80,6 +81,8 @@ def build_model(
         repeat start of EfficientNet-B3 takes 24 s instead of 34 s, at 0.65x the throughput).
       taps_max_input_size: with ``taps``, only depthwise layers whose input is at most this
         many pixels across are swapped (None: all).
+      taps_min_stride: with ``taps``, only depthwise layers with at least this stride are
+        swapped (1: all; 2: the strided ones).
       **kw: passed on to the backbone builder.
 
     Returns:
@@ -90,7 +93,7 @@ def build_model(
     logits_layer = heads.build_head(task, num_classes, head)  # validates num_classes early
     backbone = get_backbone_fn(name)(image_size=image_size, weights=weights, **kw)
     if depthwise == "taps":
-        backbone = layers.use_tap_depthwise(backbone, taps_max_input_size)
+        backbone = layers.use_tap_depthwise(backbone, taps_max_input_size, taps_min_stride)
     elif depthwise != "native":
         raise ValueError(f"depthwise={depthwise!r}: expected 'native' or 'taps'.")
     image = keras.Input((image_size, image_size, 3), dtype="float32", name="image")

@@ -28,13 +28,16 @@ def test_configs_look_inside_nested_models():
 
 
 def test_threshold_totals_by_hand():
-    configs = [{"h": 4, "w": 4, "count": 2}, {"h": 16, "w": 16, "count": 1}]
+    configs = [{"h": 4, "w": 4, "strides": [1, 1], "count": 2},
+               {"h": 16, "w": 16, "strides": [2, 2], "count": 1}]
     native = [{"first_s": 1.0, "step_ms": 2.0}, {"first_s": 3.0, "step_ms": 1.0}]
     taps = [{"first_s": 0.1, "step_ms": 2.0}, {"first_s": 0.2, "step_ms": 5.0}]
     assert depthwise_layers.threshold_table(configs, native, taps) == [
         {"max_input_size": None, "first_s": 5.0, "step_ms": 5.0, "taps_layers": 0},
         {"max_input_size": 4, "first_s": 3.2, "step_ms": 5.0, "taps_layers": 2},
         {"max_input_size": 16, "first_s": 0.4, "step_ms": 9.0, "taps_layers": 3},
+        # taps for the strided shape only: 2 * 1.0 + 0.2, 2 * 2.0 + 5.0
+        {"max_input_size": "strided", "first_s": 2.2, "step_ms": 9.0, "taps_layers": 1},
         # taps exactly where its step is no slower: the first shape (a tie) only
         {"max_input_size": "no slower", "first_s": 3.2, "step_ms": 5.0, "taps_layers": 2},
     ]

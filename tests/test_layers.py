@@ -59,6 +59,17 @@ def test_taps_max_input_size_swaps_only_small_maps():
     assert all(max(layer.input.shape[1:3]) > 8 for layer in kept)
 
 
+def test_taps_min_stride_swaps_only_strided_layers():
+    model = build_model("efficientnet_b3", "multiclass", 3, 64, depthwise="taps",
+                        taps_min_stride=2)
+    swapped = [layer for layer in _walk(model) if type(layer) is TapDepthwiseConv2D]
+    kept = [layer for layer in _walk(model) if type(layer) is keras.layers.DepthwiseConv2D]
+    # EfficientNet-B3: 26 depthwise layers, the first of stages 2, 3, 4 and 6 strided
+    assert len(swapped) == 4 and len(kept) == 22
+    assert all(tuple(layer.strides) == (2, 2) for layer in swapped)
+    assert all(tuple(layer.strides) == (1, 1) for layer in kept)
+
+
 def test_taps_model_keras_round_trip(tmp_path):
     model = build_model("mobilenetv3_large", "binary", 2, 32, depthwise="taps")
     x = np.random.default_rng(2).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
