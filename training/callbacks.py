@@ -259,8 +259,12 @@ class PreciseBatchNorm(keras.callbacks.Callback):
     by ~100 steps; in short runs (the demo: 17 steps/epoch) validation then sees stale
     statistics (val QWK 0.35 with moving stats vs 0.80 with batch stats, measured).
     "Precise BN" (Wu & Johnson 2021, "Rethinking Batch in BatchNorm") replaces them by
-    the exact average over a few training batches: the momentum of batch i is
-    i / (i + 1). Frozen BN layers (trainable=False run in inference mode) are untouched.
+    the exact average over a few training batches: each batch's mean and variance per
+    channel (the BN layers run with momentum 0), averaged with equal weights. Frozen BN
+    layers (trainable=False run in inference mode) are untouched. On JAX the forward
+    passes are one compiled program (`stateless_call` under `jax.jit`, traced once):
+    called eagerly, every op of the network would compile on its own at the first
+    validation of each process.
 
     Args:
         batches: list of image batches [B, S, S, 3] in [0, 255] (float32 or uint8).
@@ -269,19 +273,49 @@ class PreciseBatchNorm(keras.callbacks.Callback):
     def __init__(self, batches):
         super().__init__()
         self.batches = list(batches)
+        self._compiled = None  # JAX: jit of the stateless forward, built on first use
 
     def on_test_begin(self, logs=None):
         layers = [layer for layer in _sublayers(self.model)
                   if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+        if not layers or not self.batches:
+            return
+        stats = [v for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
         saved = [layer.momentum for layer in layers]
         try:
-            for i, images in enumerate(self.batches):
-                for layer in layers:
-                    layer.momentum = i / (i + 1)  # eager call: read at call time
-                self.model(images, training=True)
+            for layer in layers:
+                layer.momentum = 0.0  # read when the call runs (or is traced)
+            sums = None
+            for images in self.batches:
+                batch = self._batch_statistics(images, stats)
+                sums = batch if sums is None else [keras.ops.add(total, b) for total, b
+                                                    in zip(sums, batch, strict=True)]
         finally:
             for layer, momentum in zip(layers, saved, strict=True):
                 layer.momentum = momentum
+        for variable, total in zip(stats, sums, strict=True):
+            variable.assign(keras.ops.divide(total, len(self.batches)))
+
+    def _batch_statistics(self, images, stats) -> list:
+        """The values (float32 tensors) `stats` (BN moving statistics, momentum 0) take
+        after a training-mode forward pass on `images`."""
+        if keras.backend.backend() != "jax":
+            self.model(images, training=True)
+            return [keras.ops.copy(v.value) for v in stats]  # before the next pass
+        if self._compiled is None:
+            import jax
+
+            model = self.model
+
+            def forward(trainable, non_trainable, images):
+                return model.stateless_call(trainable, non_trainable, images, training=True)[1]
+
+            self._compiled = jax.jit(forward)
+        variables = self.model.non_trainable_variables
+        updated = self._compiled([v.value for v in self.model.trainable_variables],
+                                 [v.value for v in variables], images)
+        position = {id(v): i for i, v in enumerate(variables)}
+        return [updated[position[id(v)]] for v in stats]
 
 
 def _sublayers(layer):
