@@ -442,7 +442,8 @@ class TunedMacroF1(keras.callbacks.Callback):
     """Adds `val_tuned_macro_f1` to the epoch logs: validation macro-F1 after per-label
     threshold tuning (multilabel), the RFMiD system's model-selection metric.
 
-    Each epoch: sigmoid probabilities of the validation split, one F1-optimal threshold
+    Each epoch: sigmoid probabilities of the validation split (one more pass over it,
+    through Keras' compiled predict step), one F1-optimal threshold
     per label (`models.decision.label_threshold`: recall >= min_recall, threshold <=
     max_threshold, else 0.5), and the mean of the per-label F1s at those thresholds.
     Must come before BestCheckpoint / EarlyStopping in the callback list (they read the
@@ -464,7 +465,9 @@ class TunedMacroF1(keras.callbacks.Callback):
 
         probs, labels = [], []
         for images, y in self.val_ds:  # numpy in: also runs on the JAX backend
-            logits = keras.ops.convert_to_numpy(self.model(images.numpy(), training=False))
+            # Keras' compiled predict step (on JAX one jitted program per batch shape),
+            # not an eager call: that would compile and dispatch each op on its own
+            logits = np.asarray(self.model.predict_on_batch(images.numpy()))
             probs.append(1.0 / (1.0 + np.exp(-logits.astype(np.float64))))
             labels.append(y.numpy())
         probs, labels = np.concatenate(probs), np.concatenate(labels)
