@@ -179,6 +179,19 @@ def test_tf_mirrored_over_two_cpus_trains_what_one_device_trains(data_dir, tmp_p
     _assert_same_run(one, two)
 
 
+def test_tf_mirrored_tuned_macro_f1_equals_one_device(tmp_path):
+    # TunedMacroF1 predicts the validation split at each epoch end; under a TF strategy
+    # Keras' predict_on_batch returned each batch once per replica (42 rows for 21).
+    data = write_shards(str(tmp_path / "data"), counts=COUNTS, task="multilabel")
+    one, two = _parity("tensorflow", data, tmp_path / "runs", "train.task = 'multilabel'",
+                       "train.tune_thresholds_each_epoch = True")
+    h1, h2 = _history(one), _history(two)
+    assert len(h1) == len(h2) == 2
+    for r1, r2 in zip(h1, h2, strict=True):
+        assert float(r2["val_tuned_macro_f1"]) == pytest.approx(
+            float(r1["val_tuned_macro_f1"]), abs=1e-4)
+
+
 # ----------------------------------------------------------------------------- processes
 
 

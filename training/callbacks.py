@@ -465,9 +465,7 @@ class TunedMacroF1(keras.callbacks.Callback):
 
         probs, labels = [], []
         for images, y in self.val_ds:  # numpy in: also runs on the JAX backend
-            # Keras' compiled predict step (on JAX one jitted program per batch shape),
-            # not an eager call: that would compile and dispatch each op on its own
-            logits = np.asarray(self.model.predict_on_batch(images.numpy()))
+            logits = self._logits(images.numpy())
             probs.append(1.0 / (1.0 + np.exp(-logits.astype(np.float64))))
             labels.append(y.numpy())
         probs, labels = np.concatenate(probs), np.concatenate(labels)
@@ -478,6 +476,15 @@ class TunedMacroF1(keras.callbacks.Callback):
         self.thresholds = [t["threshold"] for t in tuned]
         if logs is not None:
             logs[self.NAME] = float(np.mean([t["f1"] for t in tuned]))
+
+    def _logits(self, images: np.ndarray) -> np.ndarray:
+        """float32 [B, C] logits of a batch: Keras' compiled predict step (on JAX one jitted
+        program per batch shape; an eager call would compile and dispatch each op on its
+        own), except under a TF strategy, whose predict_on_batch returns the batch once per
+        replica (42 rows for 21 on 2 devices, measured)."""
+        if tf.distribute.has_strategy():
+            return keras.ops.convert_to_numpy(self.model(images, training=False))
+        return np.asarray(self.model.predict_on_batch(images))
 
 
 class EpochTensorBoard(keras.callbacks.TensorBoard):
