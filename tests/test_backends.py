@@ -62,7 +62,10 @@ def test_train_on_jax_then_evaluate_and_export_on_tensorflow(tmp_path):
 
     data_dir = write_shards(str(tmp_path / "data"))
     workdir = tmp_path / "w"
+    # deterministic: the same input order every run (JAX keeps the step compiled), so the
+    # QWK bound below does not depend on thread timing
     cmd = _train_cmd(workdir, data_dir, "train.jit_compile = True", "train.epochs = 3",
+                     "train.deterministic = True",
                      "train.precision = 'mixed_bfloat16'", "train.backbone_lr_factor = 0.1",
                      "train.use_ema = True",
                      "train.augment_on = 'device'")  # as "auto" on a GPU: inside the step
@@ -73,7 +76,7 @@ def test_train_on_jax_then_evaluate_and_export_on_tensorflow(tmp_path):
     assert len(history) == 3 and all(np.isfinite(float(h["loss"])) for h in history)
     # QWK, the monitored metric, is 0 by chance; (exact-grade accuracy after 3 epochs
     # depends on the decision rule more than on learning: models.decision docstring).
-    assert float(history[-1]["qwk"]) > 0.4
+    assert float(history[-1]["qwk"]) > 0.4, history[-1]
     env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
     for args in (["evaluate.py", f"--workdir={workdir}", "--split=val"],
                  ["export.py", f"--workdir={workdir}", f"--export_dir={tmp_path / 'e'}"]):
