@@ -29,11 +29,13 @@ layers whose taps step is no slower do. JAX backend only:
 Measured on an H200 (jaxlib 0.11.2, bf16, batch 64): XLA's autotuning gives every B3
 depthwise layer cuDNN engines 5 (ConvFwd; XLA runs the data gradient as one too) and 16
 (ConvBwdFilter), both compiled at run time: 0.39-0.76 s per layer and process, 15.2 s over
-B3's 26 layers (forward and backward), as much as a warm start's first execution. Hiding
-them from the autotuner with a cuDNN errata file (`CUDNN_ERRATA_JSON_FILE`, which XLA
-reads) makes it pick engines 0, 22 and 19 (still run-time compiled, ~0.2 s a layer; the
-layers' gradients 6x slower in total), then 1, 28, 10 and 9 (precompiled, 17x slower):
-no way round it on cuDNN's side, hence taps.
+B3's 26 layers (forward and backward; 13.0 s by this benchmark before it timed the
+forward too), as much as a warm start's first execution. Hiding them from the autotuner
+with a cuDNN errata file (`CUDNN_ERRATA_JSON_FILE`, which XLA reads; a one-off probe, not
+this benchmark: rules such as `{"operation": "ConvFwd", "engine": 5}` for the engines
+listed here) makes it pick engines 0, 22 and 19 (still run-time compiled, ~0.2 s a layer;
+the layers' gradients 6x slower in total), then 1, 28, 10 and 9 (precompiled, 17x
+slower): no way round it on cuDNN's side, hence taps.
 
 The totals are per-layer sums, not a training step: use benchmarks/train_e2e.py
 (`--train_bindings='build_model.taps_max_input_size = T'` with `build_model.depthwise =

@@ -119,9 +119,10 @@ A fourth H200 (16 cores), k = 16 (the new default), `--epochs=2 --steps_per_epoc
 | EfficientNet-B3 300 | 2,065 | 1,986 (0.96, busy 0.98) | 2,027 (0.98) | 171.1 / 38.7 s |
 
 B3's warm start: imports 4.3 s, to fit 10.6 (314 small programs, 4.2 s of them), the
-step's trace 3.9, lower 0.8, cache load 3.9, first execution 15.1 s, which
-benchmarks/depthwise_layers.py matches layer by layer (15.2 s of cuDNN run-time compiled
-depthwise engines over its 26 layers).
+step's trace 3.9, lower 0.8, cache load 3.9, first execution 15.1 s. Its 26 depthwise
+layers' first runs, each layer's forward and both gradients in one process, sum to 15.2 s
+of cuDNN run-time compiled engines (a probe with the loss benchmarks/depthwise_layers.py
+now uses; that benchmark, then timing the gradients without the forward, summed 13.0 s).
 """
 
 import cProfile

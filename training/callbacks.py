@@ -300,8 +300,7 @@ class PreciseBatchNorm(keras.callbacks.Callback):
         """The values (float32 tensors) `stats` (BN moving statistics, momentum 0) take
         after a training-mode forward pass on `images`."""
         if keras.backend.backend() != "jax":
-            self.model(images, training=True)
-            return [keras.ops.copy(v.value) for v in stats]  # before the next pass
+            return self._eager_statistics(images, stats)
         if self._compiled is None:
             import jax
 
@@ -316,6 +315,11 @@ class PreciseBatchNorm(keras.callbacks.Callback):
                                  [v.value for v in variables], images)
         position = {id(v): i for i, v in enumerate(variables)}
         return [updated[position[id(v)]] for v in stats]
+
+    def _eager_statistics(self, images, stats) -> list:
+        """`_batch_statistics` by calling the model (TensorFlow: its eager ops are cheap)."""
+        self.model(images, training=True)
+        return [keras.ops.copy(v.value) for v in stats]  # before the next pass
 
 
 def _sublayers(layer):
@@ -483,8 +487,11 @@ class TunedMacroF1(keras.callbacks.Callback):
         own), except under a TF strategy, whose predict_on_batch returns the batch once per
         replica (42 rows for 21 on 2 devices, measured)."""
         if tf.distribute.has_strategy():
-            return keras.ops.convert_to_numpy(self.model(images, training=False))
+            return self._eager_logits(images)
         return np.asarray(self.model.predict_on_batch(images))
+
+    def _eager_logits(self, images: np.ndarray) -> np.ndarray:
+        return keras.ops.convert_to_numpy(self.model(images, training=False))
 
 
 class EpochTensorBoard(keras.callbacks.TensorBoard):
