@@ -120,7 +120,8 @@ def _layer(config: dict, variant: str):
 
     from models import layers
 
-    cls = layers.TapDepthwiseConv2D if variant == "taps" else keras.layers.DepthwiseConv2D
+    cls = {"taps": layers.TapDepthwiseConv2D, "taps_grad": layers.TapGradDepthwiseConv2D}.get(
+        variant, keras.layers.DepthwiseConv2D)
     # float32: cuDNN's float32 depthwise engines on inputs cast up from the training dtype
     dtype = "float32" if variant == "float32" else FLAGS.dtype_policy
     layer = cls(tuple(config["kernel"]), strides=tuple(config["strides"]),
@@ -129,10 +130,11 @@ def _layer(config: dict, variant: str):
     return layer
 
 
-def gradient_fn(layer):
+def gradient_fn(layer, wrt: tuple[int, ...] = (0, 1)):
     """jit((kernel, x) -> (d kernel, d x)) of sum(layer(x)**2) / 2: the forward convolution
     and both backward ones, as in training (a loss linear in the output would let XLA drop
-    the forward convolution, which training always runs)."""
+    the forward convolution, which training always runs). `wrt`: the arguments
+    differentiated (0: kernel, 1: x); () jits the loss itself (the forward alone)."""
     import jax
     import jax.numpy as jnp
     import keras
@@ -143,8 +145,11 @@ def gradient_fn(layer):
             y = layer(x).astype(jnp.float32)
         return jnp.sum(y * y) / 2
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return jax.jit(jax.grad(loss, argnums=wrt) if wrt else loss)
 
+
+# Native layers, parts of the gradient: which of the three convolutions' plans cost most.
+_WRT = {"fwd": (), "dx": (1,), "dk": (0,)}
 
 _CUDNN_OPS = {"convForward": "ConvFwd", "convBackwardInput": "ConvBwdData",
               "convBackwardFilter": "ConvBwdFilter"}
@@ -175,7 +180,7 @@ def _measure(config: dict) -> dict:
                           keras.DTypePolicy(FLAGS.dtype_policy).compute_dtype)
     kernel = layer.kernel.value
     t0 = time.perf_counter()
-    compiled = gradient_fn(layer).lower(kernel, x).compile()  # or loaded from the cache
+    compiled = gradient_fn(layer, _WRT.get(FLAGS.variant, (0, 1))).lower(kernel, x).compile()
     t1 = time.perf_counter()
     jax.block_until_ready(compiled(kernel, x))
     t2 = time.perf_counter()
@@ -250,7 +255,7 @@ def main(_):
               f"{c['count']} | {n['first_s']:.3f}, {n['step_ms']:.3f}, {cold['first_s']:.3f} | "
               f"{alt} | {' '.join(n['engines'])} |")
     tables = {v: threshold_table(configs, runs["native", "warm"], runs[v, "warm"])
-              for v in others}
+              for v in others if v not in _WRT}  # substitutes, not parts of native
     for v, table in tables.items():
         print(f"\n| {v} for inputs <= | {v} layers | warm first runs, s | steps, ms |")
         print("| --- | --- | --- | --- |")
@@ -274,6 +279,9 @@ if __name__ == "__main__":
                         "(one folder per variant, emptied before its cold run).")
     flags.DEFINE_string("json_out", "", "Optional path for all results as JSON.")
     flags.DEFINE_list("variants", ["native", "taps"], "What to measure against native: taps "
-                      "(TapDepthwiseConv2D), float32 (DepthwiseConv2D computing in float32).")
+                      "(TapDepthwiseConv2D), taps_grad (TapGradDepthwiseConv2D: only the kernel "
+                      "gradient as taps), float32 (DepthwiseConv2D computing in float32); "
+                      "fwd, dx, dk: native with the forward alone, the gradient for x alone, "
+                      "for the kernel alone (where the first run's time goes).")
     flags.DEFINE_string("variant", "", "Internal: the variant measured in this process.")
     app.run(main)

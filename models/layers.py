@@ -21,30 +21,90 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
     return total // 2, total - total // 2, out
 
 
+def _windows(padded, kernel_size, strides, out_hw):
+    """(i, j, the input window tap (i, j) multiplies): [B, H', W', C] slices of `padded`."""
+    (kh, kw), (sh, sw), (oh, ow) = kernel_size, strides, out_hw
+    for i in range(kh):
+        for j in range(kw):
+            yield i, j, padded[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :]
+
+
 @keras.saving.register_keras_serializable(package="fundusflow")
 class TapDepthwiseConv2D(keras.layers.DepthwiseConv2D):
     """`DepthwiseConv2D` as k*k shifted multiply-adds. Input [B, H, W, C] -> [B, H', W', C]."""
 
     def call(self, inputs):
-        kh, kw = self.kernel_size
-        sh, sw = self.strides
-        h, w = inputs.shape[1], inputs.shape[2]
-        if self.padding == "same":
-            top, bottom, oh = _same_padding(h, kh, sh)
-            left, right, ow = _same_padding(w, kw, sw)
-            inputs = ops.pad(inputs, [[0, 0], [top, bottom], [left, right], [0, 0]])
-        else:
-            oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
-        kernel = ops.cast(self.kernel, inputs.dtype)
-        out = None
-        for i in range(kh):
-            for j in range(kw):
-                tap = inputs[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :]
-                term = tap * kernel[i, j, :, 0]
-                out = term if out is None else out + term
+        out = self._convolve(inputs, ops.cast(self.kernel, inputs.dtype))
         if self.use_bias:
             out = out + ops.cast(self.bias, out.dtype)
         return self.activation(out) if self.activation is not None else out
+
+    def _pad(self, inputs):
+        """(inputs padded as the layer's padding says, (H', W'))."""
+        (kh, kw), (sh, sw) = self.kernel_size, self.strides
+        h, w = inputs.shape[1], inputs.shape[2]
+        if self.padding != "same":
+            return inputs, ((h - kh) // sh + 1, (w - kw) // sw + 1)
+        top, bottom, oh = _same_padding(h, kh, sh)
+        left, right, ow = _same_padding(w, kw, sw)
+        return ops.pad(inputs, [[0, 0], [top, bottom], [left, right], [0, 0]]), (oh, ow)
+
+    def _convolve(self, inputs, kernel):
+        padded, out_hw = self._pad(inputs)
+        out = None
+        for i, j, window in _windows(padded, self.kernel_size, self.strides, out_hw):
+            term = window * kernel[i, j, :, 0]
+            out = term if out is None else out + term
+        return out
+
+
+@keras.saving.register_keras_serializable(package="fundusflow")
+class TapGradDepthwiseConv2D(TapDepthwiseConv2D):
+    """`DepthwiseConv2D` whose kernel gradient is a sum of k*k window products (taps).
+
+    Stride 1: the forward convolution and the data gradient (a forward convolution of
+    the output gradient with the flipped kernel, as XLA computes it anyway) stay on
+    cuDNN; only the kernel gradient, whose cuDNN plan costs a warm start the most time
+    to build, becomes taps: per tap, a sum over batch and map of window * output
+    gradient, in float32. Strided layers are taps entirely (TapDepthwiseConv2D).
+    Input [B, H, W, C] -> [B, H', W', C]; same variables and maths as DepthwiseConv2D.
+    """
+
+    def _convolve(self, inputs, kernel):
+        if max(self.strides) > 1:
+            return super()._convolve(inputs, kernel)
+
+        @ops.custom_gradient
+        def convolve(x, k):
+            def grad(*args, upstream=None):
+                dy = args[0] if upstream is None else upstream
+                return self._data_gradient(dy, k, x.shape), self._kernel_gradient(x, dy, k.dtype)
+
+            return ops.depthwise_conv(x, k, strides=1, padding=self.padding), grad
+
+        return convolve(inputs, kernel)
+
+    def _data_gradient(self, dy, kernel, input_shape):
+        """d loss / d input [B, H, W, C]: dy correlated with the flipped kernel, padded
+        by k - 1 less the forward's padding on each side (a "full" convolution)."""
+        (kh, kw), (h, w) = self.kernel_size, input_shape[1:3]
+        top, bottom, left, right = 0, 0, 0, 0
+        if self.padding == "same":
+            top, bottom, _ = _same_padding(h, kh, 1)
+            left, right, _ = _same_padding(w, kw, 1)
+        dy = ops.pad(dy, [[0, 0], [kh - 1 - top, kh - 1 - bottom],
+                          [kw - 1 - left, kw - 1 - right], [0, 0]])
+        return ops.depthwise_conv(dy, kernel[::-1, ::-1], strides=1, padding="valid")
+
+    def _kernel_gradient(self, x, dy, dtype):
+        """d loss / d kernel [kh, kw, C, 1]: per tap, sum over batch and map of the input
+        window times dy, accumulated in float32 (bf16 sums of ~10^6 terms drift)."""
+        padded, out_hw = self._pad(x)
+        dy = ops.cast(dy, "float32")
+        sums = [ops.sum(ops.cast(window, "float32") * dy, axis=(0, 1, 2))
+                for _, _, window in _windows(padded, self.kernel_size, (1, 1), out_hw)]
+        kh, kw = self.kernel_size
+        return ops.cast(ops.reshape(ops.stack(sums), (kh, kw, -1, 1)), dtype)
 
 
 def _selected(layer, max_input_size: int | None, min_stride: int) -> bool:
@@ -54,8 +114,9 @@ def _selected(layer, max_input_size: int | None, min_stride: int) -> bool:
 
 
 def use_tap_depthwise(model: keras.Model, max_input_size: int | None = None,
-                      min_stride: int = 1) -> keras.Model:
-    """A clone of `model` whose DepthwiseConv2D layers are TapDepthwiseConv2D, weights copied.
+                      min_stride: int = 1, kernel_gradient_only: bool = False) -> keras.Model:
+    """A clone of `model` whose DepthwiseConv2D layers are TapDepthwiseConv2D, weights copied
+    (TapGradDepthwiseConv2D with `kernel_gradient_only`).
 
     max_input_size: only layers whose input is at most this many pixels high and
     wide are swapped (None: all). Large maps stay on cuDNN, where taps are slow.
@@ -68,7 +129,8 @@ def use_tap_depthwise(model: keras.Model, max_input_size: int | None = None,
         if type(layer) is keras.layers.DepthwiseConv2D and layer.depth_multiplier == 1 \
                 and tuple(layer.dilation_rate) == (1, 1) and layer.data_format == "channels_last" \
                 and _selected(layer, max_input_size, min_stride):
-            return TapDepthwiseConv2D.from_config(layer.get_config())
+            cls = TapGradDepthwiseConv2D if kernel_gradient_only else TapDepthwiseConv2D
+            return cls.from_config(layer.get_config())
         return layer.__class__.from_config(layer.get_config())
 
     clone_ = keras.models.clone_model(model, clone_function=clone, recursive=True)

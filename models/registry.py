@@ -78,11 +78,14 @@ def build_model(
       head: see ``models.heads``; None picks ``heads.default_head(task)``.
       depthwise: ``native`` (DepthwiseConv2D) or ``taps`` (``layers.TapDepthwiseConv2D``: same
         weights and maths; on JAX/GPU it skips cuDNN's run-time plan building, so a cached
-        repeat start of EfficientNet-B3 takes 24 s instead of 34 s, at 0.65x the throughput).
-      taps_max_input_size: with ``taps``, only depthwise layers whose input is at most this
-        many pixels across are swapped (None: all).
-      taps_min_stride: with ``taps``, only depthwise layers with at least this stride are
-        swapped (1: all; 2: the strided ones).
+        repeat start of EfficientNet-B3 takes 24 s instead of 34 s, at 0.65x the throughput)
+        or ``taps_grad`` (``layers.TapGradDepthwiseConv2D``: only the kernel gradient of the
+        stride-1 layers as taps, whose cuDNN plans cost a warm start the most; strided
+        layers as taps).
+      taps_max_input_size: with ``taps`` or ``taps_grad``, only depthwise layers whose input
+        is at most this many pixels across are swapped (None: all).
+      taps_min_stride: with ``taps`` or ``taps_grad``, only depthwise layers with at least
+        this stride are swapped (1: all; 2: the strided ones).
       **kw: passed on to the backbone builder.
 
     Returns:
@@ -92,10 +95,11 @@ def build_model(
     head = heads.check_head(task, head)
     logits_layer = heads.build_head(task, num_classes, head)  # validates num_classes early
     backbone = get_backbone_fn(name)(image_size=image_size, weights=weights, **kw)
-    if depthwise == "taps":
-        backbone = layers.use_tap_depthwise(backbone, taps_max_input_size, taps_min_stride)
+    if depthwise in ("taps", "taps_grad"):
+        backbone = layers.use_tap_depthwise(backbone, taps_max_input_size, taps_min_stride,
+                                            kernel_gradient_only=depthwise == "taps_grad")
     elif depthwise != "native":
-        raise ValueError(f"depthwise={depthwise!r}: expected 'native' or 'taps'.")
+        raise ValueError(f"depthwise={depthwise!r}: expected 'native', 'taps' or 'taps_grad'.")
     image = keras.Input((image_size, image_size, 3), dtype="float32", name="image")
     x = backbone(image)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
