@@ -84,7 +84,8 @@ def depthwise_configs(backbone) -> list[dict]:
 def threshold_table(configs: list[dict], native: list[dict], taps: list[dict]) -> list[dict]:
     """Totals over the backbone's layers for each threshold T (None: all native), the
     layers whose input is at most T pixels across computed as taps; then the rows
-    (`max_input_size`) "strided" (taps for the layers with stride >= 2) and "no slower"
+    (`max_input_size`) "strided" (taps for the layers with stride >= 2), "strided or <= T"
+    for each T (`build_model.taps_strided` with `taps_max_input_size`) and "no slower"
     (taps exactly where its step is at most native's).
 
     `native`, `taps`: per config (same order), dicts with `first_s` and `step_ms`.
@@ -95,8 +96,12 @@ def threshold_table(configs: list[dict], native: list[dict], taps: list[dict]) -
     rows = [_totals(limit, configs, native, taps,
                     [limit is not None and max(c["h"], c["w"]) <= limit for c in configs])
             for limit in [None, *sizes]]
-    rows.append(_totals("strided", configs, native, taps,  # build_model.taps_min_stride = 2
-                        [max(c["strides"]) >= 2 for c in configs]))
+    strided = [max(c["strides"]) >= 2 for c in configs]
+    rows.append(_totals("strided", configs, native, taps, strided))  # taps_strided = True
+    rows += [_totals(f"strided or <= {limit}", configs, native, taps,  # and max_input_size
+                     [s or max(c["h"], c["w"]) <= limit for c, s in zip(configs, strided,
+                                                                          strict=True)])
+             for limit in sizes]
     rows.append(_totals("no slower", configs, native, taps,
                         [t["step_ms"] <= n["step_ms"] for n, t in zip(native, taps,
                                                                      strict=True)]))

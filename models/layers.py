@@ -8,6 +8,10 @@ depth_multiplier 1, no dilation). The kernel's gradient is a sum over batch and 
 of products in the compute dtype. With bf16 it is within 1 % of DepthwiseConv2D's on an
 H200 (JAX) and with TensorFlow on CPU (measured), but JAX on CPU sums it in bf16 (tens of
 % off for a batch of 64 15x15 maps): there, use taps only with float32.
+
+`TapGradDepthwiseConv2D` keeps cuDNN for the forward and data gradient and computes only
+the kernel gradient as taps (summed in float32): that gradient's cuDNN plan is the
+costliest to build at a warm start (~0.4 s of a layer's ~0.85 s on an H200).
 """
 
 import keras
@@ -68,6 +72,11 @@ class TapGradDepthwiseConv2D(TapDepthwiseConv2D):
     to build, becomes taps: per tap, a sum over batch and map of window * output
     gradient, in float32. Strided layers are taps entirely (TapDepthwiseConv2D).
     Input [B, H, W, C] -> [B, H', W', C]; same variables and maths as DepthwiseConv2D.
+
+    Measured on an H200 (JAX, bf16, batch 64), every EfficientNet-B3 300 px depthwise layer
+    swapped: a warm start's first execution took 11.4 s instead of ~15 s, but training ran
+    at 1,377 img/s against ~2,000 natively: XLA's sums over batch and map are slower than
+    cuDNN's kernel gradient on the large maps. Per layer, see benchmarks/depthwise_layers.py.
     """
 
     def _convolve(self, inputs, kernel):
@@ -107,28 +116,29 @@ class TapGradDepthwiseConv2D(TapDepthwiseConv2D):
         return ops.cast(ops.reshape(ops.stack(sums), (kh, kw, -1, 1)), dtype)
 
 
-def _selected(layer, max_input_size: int | None, min_stride: int) -> bool:
-    if max(layer.strides) < min_stride:
-        return False
-    return max_input_size is None or max(layer.input.shape[1:3]) <= max_input_size
+def _selected(layer, max_input_size: int | None, strided: bool) -> bool:
+    if max_input_size is None and not strided:
+        return True  # no rule given: every layer
+    small = max_input_size is not None and max(layer.input.shape[1:3]) <= max_input_size
+    return small or (strided and max(layer.strides) > 1)
 
 
 def use_tap_depthwise(model: keras.Model, max_input_size: int | None = None,
-                      min_stride: int = 1, kernel_gradient_only: bool = False) -> keras.Model:
+                      strided: bool = False, kernel_gradient_only: bool = False) -> keras.Model:
     """A clone of `model` whose DepthwiseConv2D layers are TapDepthwiseConv2D, weights copied
     (TapGradDepthwiseConv2D with `kernel_gradient_only`).
 
-    max_input_size: only layers whose input is at most this many pixels high and
-    wide are swapped (None: all). Large maps stay on cuDNN, where taps are slow.
-    min_stride: only layers with a stride of at least this are swapped (2: the strided
-    ones; on an H200 the strided 3x3 layers of EfficientNet-B3 ran faster as taps than on
-    cuDNN, its strided 5x5 ones slower).
+    With neither rule below every depthwise layer is swapped; with one or both, the layers
+    either rule selects (large stride-1 maps stay on cuDNN, where taps are slow):
+    max_input_size: layers whose input is at most this many pixels high and wide.
+    strided: layers with a stride above 1, whatever their size (on an H200 the strided 3x3
+    layers of EfficientNet-B3 ran faster as taps than on cuDNN, its strided 5x5 ones slower).
     """
 
     def clone(layer):
         if type(layer) is keras.layers.DepthwiseConv2D and layer.depth_multiplier == 1 \
                 and tuple(layer.dilation_rate) == (1, 1) and layer.data_format == "channels_last" \
-                and _selected(layer, max_input_size, min_stride):
+                and _selected(layer, max_input_size, strided):
             cls = TapGradDepthwiseConv2D if kernel_gradient_only else TapDepthwiseConv2D
             return cls.from_config(layer.get_config())
         return layer.__class__.from_config(layer.get_config())

@@ -62,7 +62,7 @@ def build_model(
     head: str | None = None,
     depthwise: str = "native",
     taps_max_input_size: int | None = None,
-    taps_min_stride: int = 1,
+    taps_strided: bool = False,
     **kw,
 ) -> keras.Model:
     """Builds ``image -> backbone -> gap -> dropout -> logits`` (see docs/ARCHITECTURE.md).
@@ -82,10 +82,11 @@ def build_model(
         or ``taps_grad`` (``layers.TapGradDepthwiseConv2D``: only the kernel gradient of the
         stride-1 layers as taps, whose cuDNN plans cost a warm start the most; strided
         layers as taps).
-      taps_max_input_size: with ``taps`` or ``taps_grad``, only depthwise layers whose input
-        is at most this many pixels across are swapped (None: all).
-      taps_min_stride: with ``taps`` or ``taps_grad``, only depthwise layers with at least
-        this stride are swapped (1: all; 2: the strided ones).
+      taps_max_input_size: with ``taps`` or ``taps_grad``, swap the depthwise layers whose
+        input is at most this many pixels across (with neither this nor ``taps_strided``:
+        all of them).
+      taps_strided: with ``taps`` or ``taps_grad``, swap the strided depthwise layers
+        (also, with ``taps_max_input_size``, the small ones).
       **kw: passed on to the backbone builder.
 
     Returns:
@@ -96,7 +97,7 @@ def build_model(
     logits_layer = heads.build_head(task, num_classes, head)  # validates num_classes early
     backbone = get_backbone_fn(name)(image_size=image_size, weights=weights, **kw)
     if depthwise in ("taps", "taps_grad"):
-        backbone = layers.use_tap_depthwise(backbone, taps_max_input_size, taps_min_stride,
+        backbone = layers.use_tap_depthwise(backbone, taps_max_input_size, taps_strided,
                                             kernel_gradient_only=depthwise == "taps_grad")
     elif depthwise != "native":
         raise ValueError(f"depthwise={depthwise!r}: expected 'native', 'taps' or 'taps_grad'.")

@@ -38,6 +38,11 @@ def test_threshold_totals_by_hand():
         {"max_input_size": 16, "first_s": 0.4, "step_ms": 9.0, "taps_layers": 3},
         # taps for the strided shape only: 2 * 1.0 + 0.2, 2 * 2.0 + 5.0
         {"max_input_size": "strided", "first_s": 2.2, "step_ms": 9.0, "taps_layers": 1},
+        # strided or small: both shapes at either threshold
+        {"max_input_size": "strided or <= 4", "first_s": 0.4, "step_ms": 9.0,
+         "taps_layers": 3},
+        {"max_input_size": "strided or <= 16", "first_s": 0.4, "step_ms": 9.0,
+         "taps_layers": 3},
         # taps exactly where its step is no slower: the first shape (a tie) only
         {"max_input_size": "no slower", "first_s": 3.2, "step_ms": 5.0, "taps_layers": 2},
     ]

@@ -43,7 +43,7 @@ from input_pipeline import augment, integrity, pipeline  # noqa: F401  (augment:
 from input_pipeline import inspect as inspect_lib
 from input_pipeline import modality as modality_lib
 from models import backbones, decision, heads, losses, metrics  # noqa: F401  (backbones: gin configurables)
-from training import augmenting, multistep, optimizers, prefetch
+from training import augmenting, initialization, multistep, optimizers, prefetch
 from training import callbacks as cb
 from training import config as config_lib
 from training import distribution as distribution_lib
@@ -398,9 +398,10 @@ def _check_bindings() -> None:
 
 
 def _build_model(name, task, num_classes, image_size, weights, dropout, head) -> keras.Model:
-    net = models.build_model(name, task, num_classes, image_size, weights=weights,
-                             dropout=dropout, head=head)
-    net.build((None, image_size, image_size, 3))  # BackupAndRestore needs a built model
+    with initialization.initialized_together():  # on JAX one program, not hundreds
+        net = models.build_model(name, task, num_classes, image_size, weights=weights,
+                                 dropout=dropout, head=head)
+        net.build((None, image_size, image_size, 3))  # BackupAndRestore needs a built model
     return net
 
 
@@ -449,6 +450,8 @@ def _compile_stage(net, stage, task, info, head, loss_fn, steps, warmup_epochs, 
                 metrics=None if weighted_metrics else run_metrics,
                 weighted_metrics=run_metrics if weighted_metrics else None,
                 steps_per_execution=steps_per_execution)
+    with initialization.initialized_together():  # its zeros too (else fit builds it)
+        opt.build(net.trainable_variables)
     logging.info("Stage %d: epochs %d-%d, backbone %s, %d trainable tensors, groups %s",
                  stage.index, stage.start + 1, stage.end,
                  "trained" if stage.train_backbone else "frozen",
