@@ -10,8 +10,10 @@ XLA compiles and caches itself, but at some cost in step time. This benchmark me
 per distinct depthwise layer of the backbone (its input, kernel, stride), the forward and
 both backward convolutions (one jitted gradient, the training dtype) in two fresh
 processes per variant, cold (empty cache) and warm (cache filled by the cold one); the
-variants are native (DepthwiseConv2D), taps and, with `--variants=native,taps,float32`,
-DepthwiseConv2D computing in float32 (cuDNN's float32 engines; not yet measured on a GPU):
+variants are native (DepthwiseConv2D), taps, taps_grad (TapGradDepthwiseConv2D: cuDNN's
+forward and data gradient, the kernel gradient as taps), float32 (DepthwiseConv2D
+computing in float32: cuDNN's float32 engines) and fwd, dx, dk (native, differentiating
+nothing, only x, only the kernel: what each convolution's plan costs):
 
 - `first_s`: the warm process's first execution of the loaded program (cuDNN's plan
   building is here; what a warm train.py start pays per layer);
@@ -36,6 +38,17 @@ this benchmark: rules such as `{"operation": "ConvFwd", "engine": 5}` for the en
 listed here) makes it pick engines 0, 22 and 19 (still run-time compiled, ~0.2 s a layer;
 the layers' gradients 6x slower in total), then 1, 28, 10 and 9 (precompiled, 17x
 slower): no way round it on cuDNN's side, hence taps.
+
+Another H200, `--iters=10 --variants=native,taps,float32` then `native,fwd,dx,dk`: native
+first runs 0.6-1.05 s a layer (24.0 s over the 26; the same programs summed 15.2 s on the
+machine above: compare only within a run). Per layer the forward alone took ~0.25 s,
+forward and data gradient ~0.45, forward and kernel gradient ~0.65: the kernel gradient's
+plan costs most. float32 is no way out: its engines are run-time compiled too (~0.45 s a
+layer) and its steps are slower (21.5 vs 16.2 ms over the 26). Taps for the strided layers
+and those at most 10 px across (11 layers): first runs 24.0 -> 14.7 s, steps 16.2 -> 17.3
+ms; at most 19 px (20 layers): 6.1 s, 21.6 ms. TapGradDepthwiseConv2D on all of B3 in
+training (train_e2e, second start): first execution ~11.4 s instead of ~15, but 1,377
+img/s against ~2,000: XLA's sums over batch and map lose to cuDNN on the large maps.
 
 The totals are per-layer sums, not a training step: use benchmarks/train_e2e.py
 (`--train_bindings='build_model.taps_max_input_size = T'` with `build_model.depthwise =
