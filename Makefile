@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.serving_parity
 	$(PY) -m benchmarks.epoch_callbacks --model=resnetv2_lite --image_size=128 --batch_size=32 --batches=8
 	KERAS_BACKEND=jax JAX_PLATFORMS=cpu $(PY) -m benchmarks.epoch_callbacks
+	KERAS_BACKEND=jax JAX_PLATFORMS=cpu $(PY) -m benchmarks.initialization
 	@if [ -f $(DEMO_RUN)/checkpoints/best.weights.h5 ]; then \
 	  $(PY) -m benchmarks.tflite_agreement --workdir=$(DEMO_RUN); \
 	else echo "benchmarks.tflite_agreement skipped: needs a trained $(DEMO_RUN) (make demo)"; fi

@@ -34,8 +34,7 @@ def _compilations(fn):
     count = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, *_, **__: count.append(1)
-        if event == "/jax/compilation_cache/compile_time_saved_sec" or
-        event == "/jax/core/compile/backend_compile_duration" else None)
+        if event == "/jax/core/compile/backend_compile_duration" else None)
     result = fn()
     return result, len(count)
 
