@@ -58,12 +58,12 @@ The totals are per-layer sums, not a training step: use benchmarks/train_e2e.py
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
 import time
 
 from absl import app, flags
+
+from benchmarks import fresh_process
 
 FLAGS = flags.FLAGS  # defined under __main__: tests import this module
 
@@ -230,15 +230,9 @@ def _child() -> list[dict]:
 
 
 def _run(variant: str, start: str) -> list[dict]:
-    if start == "cold":
-        shutil.rmtree(os.path.join(FLAGS.cache_dir, variant), ignore_errors=True)
-    args = [sys.executable, "-m", "benchmarks.depthwise_layers", f"--variant={variant}",
-            *[f"--{k}={getattr(FLAGS, k)}" for k in
-              ("batch_size", "dtype_policy", "iters", "cache_dir")]]
-    proc = subprocess.run(args, capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"{variant} ({start}) failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return fresh_process.run_variant(
+        "benchmarks.depthwise_layers", variant, start, FLAGS.cache_dir,
+        [f"--{k}={getattr(FLAGS, k)}" for k in ("batch_size", "dtype_policy", "iters")])
 
 
 def main(_):

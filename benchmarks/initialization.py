@@ -20,12 +20,12 @@ measured with one program).
 
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 
 from absl import app, flags
+
+from benchmarks import fresh_process
 
 FLAGS = flags.FLAGS  # defined under __main__
 
@@ -60,15 +60,9 @@ def _child() -> dict:
 
 
 def _run(variant: str, start: str) -> dict:
-    if start == "cold":
-        shutil.rmtree(os.path.join(FLAGS.cache_dir, variant), ignore_errors=True)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.initialization",
-                           f"--variant={variant}", f"--model={FLAGS.model}",
-                           f"--image_size={FLAGS.image_size}", f"--cache_dir={FLAGS.cache_dir}"],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"{variant} ({start}) failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return fresh_process.run_variant("benchmarks.initialization", variant, start,
+                                     FLAGS.cache_dir, [f"--model={FLAGS.model}",
+                                                       f"--image_size={FLAGS.image_size}"])
 
 
 def main(_):

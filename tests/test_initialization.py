@@ -4,17 +4,14 @@ compiled program, weights loaded inside the block included; elsewhere the block 
 
 import contextlib
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 
 from models import build_model, registry
+from tests.jax_child import check_on_jax
 from training.initialization import initialized_together
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _values(model):
@@ -75,13 +72,8 @@ def check_same_values_one_program(tmp_dir: str):
 
 
 def test_same_values_from_one_program_on_jax(tmp_path):
-    pytest.importorskip("jax")
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    code = ("from tests.test_initialization import check_same_values_one_program as c; "
-            f"c({str(tmp_path)!r}); print('ok')")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    check_on_jax("from tests.test_initialization import check_same_values_one_program as c; "
+                 f"c({str(tmp_path)!r})", timeout=600)
 
 
 def test_plain_block_elsewhere():

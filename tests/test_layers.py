@@ -2,18 +2,13 @@
 TapGradDepthwiseConv2D has DepthwiseConv2D's outputs and gradients (TF here, JAX in a
 subprocess: the custom gradient is backend code)."""
 
-import os
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
 
 from models import build_model
 from models.layers import TapDepthwiseConv2D, TapGradDepthwiseConv2D
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.jax_child import check_on_jax
 
 
 def _walk(model):
@@ -108,12 +103,7 @@ def test_tap_grad_equals_depthwise():
 
 
 def test_tap_grad_equals_depthwise_on_jax():
-    pytest.importorskip("jax")
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", "from tests.test_layers import "
-                           "check_tap_grad_equals_depthwise as c; c(); print('ok')"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    check_on_jax("from tests.test_layers import check_tap_grad_equals_depthwise as c; c()")
 
 
 def test_build_model_taps_grad_swaps_layers():

@@ -2,18 +2,11 @@
 the batches' statistics, on TensorFlow and (subprocess) on JAX, where the forward passes
 are one compiled program."""
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import keras
 import numpy as np
-import pytest
 
+from tests.jax_child import check_on_jax
 from training import callbacks as cb
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _model():
@@ -61,9 +54,4 @@ def test_precise_bn_averages_batch_statistics():
 
 
 def test_precise_bn_on_jax():
-    pytest.importorskip("jax")
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", "from tests.test_precise_bn import "
-                           "check_precise_bn as c; c(); print('ok')"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    check_on_jax("from tests.test_precise_bn import check_precise_bn as c; c()")
