@@ -2,13 +2,14 @@
 
 Keras initialises each variable eagerly where it is created, and on JAX every distinct
 (initializer, shape) is then a small program that XLA compiles or loads from the
-persistent cache: ~250 for EfficientNet-B3 with its optimizer (to_fit in
-benchmarks/train_e2e.py), 4.2 s of a warm start on an H200 and 13 s of building B3 on a
-CPU with an empty cache. Inside `initialized_together()` Keras' stateless scope defers
-every new variable's initializer; on leaving it, one jitted program computes all their
-values: the same initializers with the same seeds, so the same values (tests check
-bitwise). Assignments made inside the block (weights loaded while a backbone is built)
-are applied after it. Elsewhere than JAX this is a plain block: TensorFlow initialises
+persistent cache: a train.py start of EfficientNet-B3 ran 314 programs before fit on
+an H200 (4.2 s of a warm start; `to_fit` in benchmarks/train_e2e.py) and 253 on a CPU,
+where building B3 with an empty cache spent 13 s compiling them. Inside
+`initialized_together()` Keras' stateless scope defers every new variable's
+initializer; on leaving it, one jitted program computes all their values: the same
+initializers with the same seeds, so the same values (tests check bitwise).
+Assignments made inside the block (weights loaded while a backbone is built) are
+applied after it. Elsewhere than JAX this is a plain block: TensorFlow initialises
 eagerly without compiling.
 
 This reads Keras internals (the pending-variable list, a variable's initializer, shape and
