@@ -85,6 +85,30 @@ def test_device_batches_augment_to_the_host_batches(tmp_path):
         np.testing.assert_allclose(augmented, h_images.numpy(), atol=1.0)
 
 
+def check_grid_is_one_program():
+    """JAX child: the input grid's augmentation is one compiled program giving the
+    pixels of `device_augment.apply` called op by op."""
+    from tests.jax_child import compilations
+
+    config = aug.AugmentConfig()
+    images = np.stack([_photo(i).numpy() for i in range(4)]).astype("uint8")
+    params = np.stack([aug.device_params(tf.constant(image, tf.float32), config,
+                                         tf.constant([5, i], tf.int64)).numpy()
+                       for i, image in enumerate(images)])
+    eager, eager_programs = compilations(lambda: np.asarray(device_augment.apply(
+        images, params, config.fundus_aware, config.field_radius)))
+    grid, programs = compilations(lambda: augmenting.augmented_images(
+        {"image": images, "augment": params}, config))
+    assert programs == 1 and eager_programs > 20, (programs, eager_programs)
+    np.testing.assert_allclose(grid, eager, rtol=0, atol=1e-2)
+
+
+def test_input_grid_is_one_program_on_jax():
+    from tests.jax_child import check_on_jax
+
+    check_on_jax("from tests.test_device_augment import check_grid_is_one_program as c; c()")
+
+
 def test_training_on_the_device_saves_the_network(tmp_path):
     """TF backend, CPU: a run with augment_on="device" (two stages, precise BN, the input
     grid) writes checkpoints of the bare network that `build_from_config` loads."""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from models import build_model, registry
-from tests.jax_child import check_on_jax
+from tests.jax_child import check_on_jax, compilations
 from training.initialization import initialized_together
 
 
@@ -24,21 +24,9 @@ def _built(name, together, **kw):
         return build_model(name, "dr_grade", 5, 32, **kw)
 
 
-def _compilations(fn):
-    """(fn(), how many XLA programs JAX compiled or loaded while it ran)."""
-    import jax
-
-    count = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, *_, **__: count.append(1)
-        if event == "/jax/core/compile/backend_compile_duration" else None)
-    result = fn()
-    return result, len(count)
-
-
 def check_same_values_one_program(tmp_dir: str):
-    eager, eager_programs = _compilations(lambda: _built("mobilenetv3_large", False))
-    together, programs = _compilations(lambda: _built("mobilenetv3_large", True))
+    eager, eager_programs = compilations(lambda: _built("mobilenetv3_large", False))
+    together, programs = compilations(lambda: _built("mobilenetv3_large", True))
     assert len(together.variables) == len(eager.variables) > 100
     for got, expected, v in zip(_values(together), _values(eager), eager.variables,
                                 strict=True):

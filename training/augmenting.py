@@ -73,9 +73,19 @@ def network_of(model: keras.Model) -> keras.Model:
 
 def augmented_images(inputs, config: augment.AugmentConfig):
     """Training batch inputs -> float32 [B, S, S, 3] augmented images (numpy), for
-    logging what the network sees (plain images are returned as they are)."""
+    logging what the network sees (plain images are returned as they are).
+
+    On JAX `device_augment.apply` runs as one compiled program: called eagerly, each of
+    its ~60 ops would be a program of its own, traced and compiled (or loaded from the
+    persistent cache) one by one before the first training step.
+    """
     if not isinstance(inputs, dict):
         return inputs
-    images = device_augment.apply(inputs["image"], inputs["augment"], config.fundus_aware,
-                                  config.field_radius)
+    apply = device_augment.apply
+    if keras.backend.backend() == "jax":
+        import jax
+
+        apply = jax.jit(apply, static_argnums=(2, 3))
+    images = apply(inputs["image"], inputs["augment"], config.fundus_aware,
+                   config.field_radius)
     return keras.ops.convert_to_numpy(images)
