@@ -124,9 +124,14 @@ def _selected(layer, max_input_size: int | None, strided: bool) -> bool:
 
 
 def use_tap_depthwise(model: keras.Model, max_input_size: int | None = None,
-                      strided: bool = False, kernel_gradient_only: bool = False) -> keras.Model:
+                      strided: bool = False, kernel_gradient_only: bool = False,
+                      copy_weights: bool = True) -> keras.Model:
     """A clone of `model` whose DepthwiseConv2D layers are TapDepthwiseConv2D, weights copied
     (TapGradDepthwiseConv2D with `kernel_gradient_only`).
+
+    copy_weights: False where `model` holds only its fresh initial values: the clone's own
+    draws serve as well, and reading the originals would compute them one by one (on JAX,
+    inside `training.initialization.initialized_together`, a program per initializer).
 
     With neither rule below every depthwise layer is swapped; with one or both, the layers
     either rule selects (large stride-1 maps stay on cuDNN, where taps are slow):
@@ -144,5 +149,6 @@ def use_tap_depthwise(model: keras.Model, max_input_size: int | None = None,
         return layer.__class__.from_config(layer.get_config())
 
     clone_ = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    clone_.set_weights(model.get_weights())
+    if copy_weights:
+        clone_.set_weights(model.get_weights())
     return clone_

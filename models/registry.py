@@ -98,7 +98,8 @@ def build_model(
     backbone = get_backbone_fn(name)(image_size=image_size, weights=weights, **kw)
     if depthwise in ("taps", "taps_grad"):
         backbone = layers.use_tap_depthwise(backbone, taps_max_input_size, taps_strided,
-                                            kernel_gradient_only=depthwise == "taps_grad")
+                                            kernel_gradient_only=depthwise == "taps_grad",
+                                            copy_weights=weights is not None)
     elif depthwise != "native":
         raise ValueError(f"depthwise={depthwise!r}: expected 'native', 'taps' or 'taps_grad'.")
     image = keras.Input((image_size, image_size, 3), dtype="float32", name="image")

@@ -35,6 +35,11 @@ def check_same_values_one_program(tmp_dir: str):
     # model's symbolic build compiles nothing)
     assert programs == 1 and eager_programs > 20, (programs, eager_programs)
 
+    # depthwise layers swapped for taps: the clone reads no fresh weights (a program each)
+    _, taps_programs = compilations(lambda: _built("efficientnet_b3", True, depthwise="taps",
+                                                   taps_strided=True))
+    assert taps_programs < 10, taps_programs  # B3's few eager constants; 184 when it did
+
     # a backbone loading its weights file while it is built, inside the block
     backbone = registry.get_backbone_fn("resnetv2_lite")(image_size=32)
     for v in backbone.variables:
