@@ -50,6 +50,21 @@ ms; at most 19 px (20 layers): 6.1 s, 21.6 ms. TapGradDepthwiseConv2D on all of 
 training (train_e2e, second start): first execution ~11.4 s instead of ~15, but 1,377
 img/s against ~2,000: XLA's sums over batch and map lose to cuDNN on the large maps.
 
+A third H200, a one-off probe (six B3-like depthwise shapes, bf16, batch 64, raw
+`lax.conv_general_dilated` forward and both gradients, persistent cache warm), whose
+questions the variants again, threads, deterministic, autotune0 and nchw now ask per layer
+(not yet run on a GPU): a second program with the same convolution, run after the first
+in the same process, paid the same first run (0.41-0.64 s against 0.42-0.61): plans are
+not shared between programs; six first runs started together from six threads finished
+one after another, ~0.5 s apart (3.09 s in all): they do not overlap, so they cannot be
+hidden behind other start-up work; `--xla_gpu_exclude_nondeterministic_ops=true`: the same
+~0.4 s first runs and steps; `--xla_gpu_autotune_level=0`: first runs of 3-48 ms but steps
+10-40x slower (1.5-9.8 ms against 0.1-0.4); `--xla_gpu_force_conv_nchw=true`: first runs
+0.19-0.54 s, steps on the large maps 3-4x slower (1.37 against 0.37 ms at 150x150x40).
+In training (train_e2e, B3 300, second start), taps for the strided layers and those at
+most 10 px across ran at 1,711 img/s against native's 2,019 in the same lease (0.84x):
+these per-layer sums underestimate the step cost.
+
 The totals are per-layer sums, not a training step: use benchmarks/train_e2e.py
 (`--train_bindings='build_model.taps_max_input_size = T'` with `build_model.depthwise =
 "taps"`) to confirm a threshold end to end.
@@ -148,11 +163,12 @@ def _layer(config: dict, variant: str):
     return layer
 
 
-def gradient_fn(layer, wrt: tuple[int, ...] = (0, 1)):
-    """jit((kernel, x) -> (d kernel, d x)) of sum(layer(x)**2) / 2: the forward convolution
-    and both backward ones, as in training (a loss linear in the output would let XLA drop
-    the forward convolution, which training always runs). `wrt`: the arguments
-    differentiated (0: kernel, 1: x); () jits the loss itself (the forward alone)."""
+def gradient_fn(layer, wrt: tuple[int, ...] = (0, 1), divisor: float = 2.0):
+    """jit((kernel, x) -> (d kernel, d x)) of sum(layer(x)**2) / divisor: the forward
+    convolution and both backward ones, as in training (a loss linear in the output would
+    let XLA drop the forward convolution, which training always runs). `wrt`: the arguments
+    differentiated (0: kernel, 1: x); () jits the loss itself (the forward alone). Another
+    `divisor` gives another program with the same convolutions."""
     import jax
     import jax.numpy as jnp
     import keras
@@ -161,13 +177,23 @@ def gradient_fn(layer, wrt: tuple[int, ...] = (0, 1)):
         # layer(x), not stateless_call: __call__ autocasts the kernel to the compute dtype
         with keras.StatelessScope(state_mapping=[(layer.kernel, kernel)]):
             y = layer(x).astype(jnp.float32)
-        return jnp.sum(y * y) / 2
+        return jnp.sum(y * y) / divisor
 
     return jax.jit(jax.grad(loss, argnums=wrt) if wrt else loss)
 
 
 # Native layers, parts of the gradient: which of the three convolutions' plans cost most.
 _WRT = {"fwd": (), "dx": (1,), "dk": (0,)}
+
+# Native layers compiled under XLA flags that might avoid cuDNN's run-time compiled engines.
+XLA_FLAG_VARIANTS = {"autotune0": "--xla_gpu_autotune_level=0",
+                     "deterministic": "--xla_gpu_exclude_nondeterministic_ops=true",
+                     "nchw": "--xla_gpu_force_conv_nchw=true"}
+
+# Native layers, other ways of running them: "again", each layer's first run in a second
+# program with the same convolutions, after the first program ran (are plans shared in a
+# process?); "threads", all layers' first runs at once, one thread each (do they overlap?).
+_NATIVE = ("native", "again", "threads", *_WRT, *XLA_FLAG_VARIANTS)
 
 _CUDNN_OPS = {"convForward": "ConvFwd", "convBackwardInput": "ConvBwdData",
               "convBackwardFilter": "ConvBwdFilter"}
@@ -186,7 +212,8 @@ def cudnn_engines(hlo_text: str) -> list[str]:
     return engines
 
 
-def _measure(config: dict) -> dict:
+def _prepare(config: dict):
+    """(compiled gradient, its arguments, compile-or-load seconds) of one layer."""
     import jax
     import keras
     import numpy as np
@@ -196,20 +223,57 @@ def _measure(config: dict) -> dict:
     x = jax.numpy.asarray(rng.uniform(-1, 1, (FLAGS.batch_size, config["h"], config["w"],
                                               config["c"])),
                           keras.DTypePolicy(FLAGS.dtype_policy).compute_dtype)
-    kernel = layer.kernel.value
+    args = (layer.kernel.value, x)
+    wrt = _WRT.get(FLAGS.variant, (0, 1))
+    if FLAGS.variant == "again":  # the first program runs, unmeasured; then the second
+        jax.block_until_ready(gradient_fn(layer, wrt)(*args))
     t0 = time.perf_counter()
-    compiled = gradient_fn(layer, _WRT.get(FLAGS.variant, (0, 1))).lower(kernel, x).compile()
-    t1 = time.perf_counter()
-    jax.block_until_ready(compiled(kernel, x))
-    t2 = time.perf_counter()
+    compiled = gradient_fn(layer, wrt, 4.0 if FLAGS.variant == "again" else 2.0).lower(
+        *args).compile()
+    return compiled, args, time.perf_counter() - t0
+
+
+def _result(compiled, args, compile_s: float, first_s: float) -> dict:
+    import jax
+    import numpy as np
+
     times = []
     for _ in range(FLAGS.iters):
         t = time.perf_counter()
-        jax.block_until_ready(compiled(kernel, x))
+        jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t)
-    return {"compile_or_load_s": round(t1 - t0, 4), "first_s": round(t2 - t1, 4),
+    return {"compile_or_load_s": round(compile_s, 4), "first_s": round(first_s, 4),
             "step_ms": round(1e3 * float(np.median(times)), 4),
             "engines": cudnn_engines(compiled.as_text())}
+
+
+def _measure(config: dict) -> dict:
+    import jax
+
+    compiled, args, compile_s = _prepare(config)
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    return _result(compiled, args, compile_s, time.perf_counter() - t)
+
+
+def _measure_in_threads(configs: list[dict]) -> list[dict]:
+    """All layers' programs loaded, then their first runs started together, one thread
+    each: `first_s` is when each finished, from the common start."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import jax
+
+    prepared = [_prepare(config) for config in configs]
+    start = time.perf_counter()
+
+    def first_run(item):
+        compiled, args, _ = item
+        jax.block_until_ready(compiled(*args))
+        return time.perf_counter() - start
+
+    with ThreadPoolExecutor(len(prepared)) as pool:
+        finished = list(pool.map(first_run, prepared))
+    return [_result(*item, first_s) for item, first_s in zip(prepared, finished, strict=True)]
 
 
 def _configs_file() -> str:
@@ -226,13 +290,18 @@ def _child() -> list[dict]:
         sys.exit("depthwise_layers measures JAX programs: set KERAS_BACKEND=jax")
     compilation.enable_compilation_cache(os.path.join(FLAGS.cache_dir, FLAGS.variant))
     with open(_configs_file()) as f:
-        return [_measure(config) for config in json.load(f)]
+        configs = json.load(f)
+    if FLAGS.variant == "threads":
+        return _measure_in_threads(configs)
+    return [_measure(config) for config in configs]
 
 
 def _run(variant: str, start: str) -> list[dict]:
+    flag = XLA_FLAG_VARIANTS.get(variant)
+    env = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()} if flag else {}
     return fresh_process.run_variant(
         "benchmarks.depthwise_layers", variant, start, FLAGS.cache_dir,
-        [f"--{k}={getattr(FLAGS, k)}" for k in ("batch_size", "dtype_policy", "iters")])
+        [f"--{k}={getattr(FLAGS, k)}" for k in ("batch_size", "dtype_policy", "iters")], env)
 
 
 def main(_):
@@ -266,8 +335,15 @@ def main(_):
         print(f"| {c['h']}x{c['w']}x{c['c']} | {c['kernel'][0]}/{c['strides'][0]} | "
               f"{c['count']} | {n['first_s']:.3f}, {n['step_ms']:.3f}, {cold['first_s']:.3f} | "
               f"{alt} | {' '.join(n['engines'])} |")
+    if "threads" in others:
+        serial = sum(r["first_s"] * c["count"] for r, c in zip(runs["native", "warm"], configs,
+                                                                 strict=True))
+        print(f"\nthreads: the {len(configs)} distinct layers' first runs together took "
+              f"{max(r['first_s'] for r in runs['threads', 'warm']):.2f} s; native one by one "
+              f"{sum(r['first_s'] for r in runs['native', 'warm']):.2f} s "
+              f"({serial:.2f} s counting each layer of the backbone)")
     tables = {v: threshold_table(configs, runs["native", "warm"], runs[v, "warm"])
-              for v in others if v not in _WRT}  # substitutes, not parts of native
+              for v in others if v not in _NATIVE}  # substitutes, not ways of running native
     for v, table in tables.items():
         print(f"\n| {v} for inputs <= | {v} layers | warm first runs, s | steps, ms |")
         print("| --- | --- | --- | --- |")
@@ -294,6 +370,9 @@ if __name__ == "__main__":
                       "(TapDepthwiseConv2D), taps_grad (TapGradDepthwiseConv2D: only the kernel "
                       "gradient as taps), float32 (DepthwiseConv2D computing in float32); "
                       "fwd, dx, dk: native with the forward alone, the gradient for x alone, "
-                      "for the kernel alone (where the first run's time goes).")
+                      "for the kernel alone (where the first run's time goes); again, threads: "
+                      "native's first runs in a second program, from one thread per layer; "
+                      f"{', '.join(XLA_FLAG_VARIANTS)}: native under XLA_FLAGS "
+                      f"{', '.join(XLA_FLAG_VARIANTS.values())}.")
     flags.DEFINE_string("variant", "", "Internal: the variant measured in this process.")
     app.run(main)
