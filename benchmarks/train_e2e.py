@@ -131,6 +131,27 @@ to fit ran 8 programs instead of 253 and was entered after 18.7 s instead of 26.
 8.8 s instead of 10.3 (second start). A fifth H200, `build_model.depthwise = 'taps_grad'`
 (only the kernel gradients as taps), second start only (a slow host: imports 6.5 s):
 1,377 img/s, first step after 51.8 s, its first execution ~11.4 s (native ~15 s).
+
+A sixth H200 (16 cores), initial values from one program, `--epochs=2 --steps_per_epoch=304`,
+B3's parts one call each (`--parts=step`, then `--parts=train,repeat`), the others
+`--parts=train,repeat` (their steps from the fourth H200 above):
+
+| | step | train.py | second start | first step: cold / warm |
+| --- | --- | --- | --- | --- |
+| EfficientNet-B3 300 | 2,046 | 1,968 (0.96, busy 0.97) | 2,019 (0.99) | 167.1 / 39.4 s |
+| ConvNeXt-Tiny 224 | (3,585) | 3,439 (busy 0.96) | 3,453 | 83.9 / 28.0 s |
+| MobileNetV3-Large 224 | (9,028) | 7,973 (busy 0.92) | 7,753 (busy 0.81) | 125.8 / 28.7 s |
+
+B3's warm start: imports 4.3 s, to fit 9.0 (69 programs: trace 1.0, lower 1.1, load 1.3),
+the step's trace 5.0, lower 0.9, cache load 4.7, first execution ~15.5 s. 60 of those 69
+programs were the TensorBoard input grid's device augmentation run op by op; it is now one
+program (9 before fit, measured on a CPU). `build_model.depthwise = 'taps'` with
+`taps_max_input_size = 10` and `taps_strided = True`: 1,711 img/s (0.84x) and 45.9 s, 254
+programs to fit (the swap read the fresh weights one initializer at a time; since fixed).
+B3's first execution is cuDNN building its depthwise plans one after another (see
+benchmarks/depthwise_layers.py: not shared between programs, not overlapping across
+threads, and the XLA flags that avoid them make the convolutions several times slower), so
+B3's warm start stays above 30 s on this stack.
 """
 
 import cProfile
