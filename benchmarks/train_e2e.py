@@ -192,8 +192,10 @@ flags.DEFINE_list("ablation", ["fixed_nometrics", "fixed", "fixed_uint8", "fixed
                                "pipeline"], "Ablation variants (see _ABLATIONS).")
 flags.DEFINE_list("input_variants", ["default"],
                   "Input-alone variants: default (as train builds it: augmentation on the "
-                  "device on a GPU host), host (augmenting on the host CPUs), cached "
-                  "(make_dataset cache=True), noaug (no augmentation), float32 (pixels).")
+                  "device on a GPU host), host (augmenting on the host CPUs), device "
+                  "(augmentation parameters only, as on a GPU host, also on a CPU one), "
+                  "cached and device_cached (those with make_dataset cache=True), noaug "
+                  "(no augmentation), float32 (pixels).")
 flags.DEFINE_integer("skip_steps", 100,
                      "Sustained img/s: counted from this step of each epoch to its end.")
 flags.DEFINE_integer("ablation_steps", 60, "Timed steps per ablation variant.")
@@ -393,7 +395,9 @@ def part_input() -> dict:
     info = experiment.load_dataset_info(_data_dir())
     out = {}
     for variant in FLAGS.input_variants:
-        bindings = {"default": [], "host": [], "cached": ["make_dataset.cache = True"],
+        cache = ["make_dataset.cache = True"]
+        bindings = {"default": [], "host": [], "device": [], "cached": cache,
+                    "device_cached": cache,
                     "noaug": [f"AugmentConfig.{k} = {v}" for k, v in augment_off().items()],
                     "float32": []}[variant]
         with gin.unlock_config():
@@ -408,7 +412,8 @@ def part_input() -> dict:
         else:
             ds, _, _ = experiment._build_datasets(
                     _data_dir(), info, info["task"], FLAGS.image_size, FLAGS.batch_size, 0,
-                    False, None, augment_on=_augment_on(variant == "host"))
+                    False, None, augment_on="device" if variant.startswith("device")
+                    else _augment_on(variant == "host"))
         out[variant] = _time_batches(ds)
     return out
 
