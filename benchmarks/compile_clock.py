@@ -8,6 +8,8 @@ the program's first execution (measured on an H200: mostly cuDNN building its
 convolution plans, which compiles kernels with NVRTC, uncached across processes).
 """
 
+import time
+
 
 class CompileClock:
     """JAX's compile events while on: tracing to a jaxpr, lowering to MLIR, and XLA's
@@ -62,3 +64,14 @@ class CompileClock:
         out = {f"{k}_s": round(v, 2) for k, v in out.items()}
         return {**out, "other_s": round(end - begin - sum(out.values()), 2),
                 "programs": programs, "longest": longest[0]}
+
+
+def programs_during(fn):
+    """(fn(), how many XLA programs JAX compiled or loaded from its persistent cache while
+    `fn` ran)."""
+    clock = CompileClock(time.time())
+    try:
+        result = fn()
+    finally:
+        clock.close()
+    return result, sum(1 for kind, *_ in clock.spans if kind == "compile_or_load")

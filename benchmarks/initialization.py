@@ -25,7 +25,7 @@ import time
 
 from absl import app, flags
 
-from benchmarks import fresh_process
+from benchmarks import compile_clock, fresh_process
 
 FLAGS = flags.FLAGS  # defined under __main__
 
@@ -42,21 +42,23 @@ def _child() -> dict:
     if keras.backend.backend() != "jax":
         sys.exit("initialization measures JAX programs: set KERAS_BACKEND=jax")
     compilation.enable_compilation_cache(os.path.join(FLAGS.cache_dir, FLAGS.variant))
-    programs = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, *_, **__: programs.append(event)
-        if event == "/jax/core/compile/backend_compile_duration" else None)  # or cache load
     keras.utils.set_random_seed(0)
     together = FLAGS.variant == "together"
+
+    def build():
+        with initialization.initialized_together() if together else contextlib.nullcontext():
+            model = build_model(FLAGS.model, "dr_grade", 5, FLAGS.image_size)
+        optimizer = keras.optimizers.AdamW(use_ema=True)
+        with initialization.initialized_together() if together else contextlib.nullcontext():
+            optimizer.build(model.trainable_variables)
+        variables = model.variables + optimizer.variables
+        jax.block_until_ready([v.value for v in variables])
+        return len(variables)
+
     start = time.perf_counter()
-    with initialization.initialized_together() if together else contextlib.nullcontext():
-        model = build_model(FLAGS.model, "dr_grade", 5, FLAGS.image_size)
-    optimizer = keras.optimizers.AdamW(use_ema=True)
-    with initialization.initialized_together() if together else contextlib.nullcontext():
-        optimizer.build(model.trainable_variables)
-    jax.block_until_ready([v.value for v in model.variables + optimizer.variables])
-    return {"build_s": round(time.perf_counter() - start, 3), "programs": len(programs),
-            "variables": len(model.variables) + len(optimizer.variables)}
+    variables, programs = compile_clock.programs_during(build)
+    return {"build_s": round(time.perf_counter() - start, 3), "programs": programs,
+            "variables": variables}
 
 
 def _run(variant: str, start: str) -> dict:

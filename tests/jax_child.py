@@ -19,14 +19,3 @@ def check_on_jax(call: str, timeout: int = 300) -> None:
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
-
-def compilations(fn):
-    """(fn(), how many XLA programs JAX compiled or loaded while it ran); in the child."""
-    import jax
-
-    count = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, *_, **__: count.append(1)
-        if event == "/jax/core/compile/backend_compile_duration" else None)
-    result = fn()
-    return result, len(count)

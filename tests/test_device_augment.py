@@ -88,16 +88,16 @@ def test_device_batches_augment_to_the_host_batches(tmp_path):
 def check_grid_is_one_program():
     """JAX child: the input grid's augmentation is one compiled program giving the
     pixels of `device_augment.apply` called op by op."""
-    from tests.jax_child import compilations
+    from benchmarks.compile_clock import programs_during
 
     config = aug.AugmentConfig()
     images = np.stack([_photo(i).numpy() for i in range(4)]).astype("uint8")
     params = np.stack([aug.device_params(tf.constant(image, tf.float32), config,
                                          tf.constant([5, i], tf.int64)).numpy()
                        for i, image in enumerate(images)])
-    eager, eager_programs = compilations(lambda: np.asarray(device_augment.apply(
+    eager, eager_programs = programs_during(lambda: np.asarray(device_augment.apply(
         images, params, config.fundus_aware, config.field_radius)))
-    grid, programs = compilations(lambda: augmenting.augmented_images(
+    grid, programs = programs_during(lambda: augmenting.augmented_images(
         {"image": images, "augment": params}, config))
     assert programs == 1 and eager_programs > 20, (programs, eager_programs)
     np.testing.assert_allclose(grid, eager, rtol=0, atol=1e-2)

@@ -9,8 +9,9 @@ import keras
 import numpy as np
 import pytest
 
+from benchmarks.compile_clock import programs_during
 from models import build_model, registry
-from tests.jax_child import check_on_jax, compilations
+from tests.jax_child import check_on_jax
 from training.initialization import initialized_together
 
 
@@ -25,8 +26,8 @@ def _built(name, together, **kw):
 
 
 def check_same_values_one_program(tmp_dir: str):
-    eager, eager_programs = compilations(lambda: _built("mobilenetv3_large", False))
-    together, programs = compilations(lambda: _built("mobilenetv3_large", True))
+    eager, eager_programs = programs_during(lambda: _built("mobilenetv3_large", False))
+    together, programs = programs_during(lambda: _built("mobilenetv3_large", True))
     assert len(together.variables) == len(eager.variables) > 100
     for got, expected, v in zip(_values(together), _values(eager), eager.variables,
                                 strict=True):
@@ -36,7 +37,7 @@ def check_same_values_one_program(tmp_dir: str):
     assert programs == 1 and eager_programs > 20, (programs, eager_programs)
 
     # depthwise layers swapped for taps: the clone reads no fresh weights (a program each)
-    _, taps_programs = compilations(lambda: _built("efficientnet_b3", True, depthwise="taps",
+    _, taps_programs = programs_during(lambda: _built("efficientnet_b3", True, depthwise="taps",
                                                    taps_strided=True))
     assert taps_programs < 10, taps_programs  # B3's few eager constants; 184 when it did
 
